@@ -1,0 +1,145 @@
+"""Late fusion: examples, then properties over random users, candidates and weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.fusion import (
+    POPULARITY,
+    RECENCY,
+    add_priors,
+    fuse,
+    popularity_prior,
+    recency_prior,
+    top_k,
+)
+
+DIMS = {"text": 4, "image": 3, "audio": 2}
+
+
+def test_both_modalities_weighted_mean() -> None:
+    user = {"text": np.array([1.0, 0, 0, 0]), "image": np.array([0, 2.0, 0])}
+    items = {"text": np.array([[1.0, 0, 0, 0]]), "image": np.array([[0, 0, 5.0]])}
+    present = {"text": np.array([True]), "image": np.array([True])}
+    scores, parts = fuse(user, items, present, {"text": 3.0, "image": 1.0})
+    assert scores == pytest.approx([0.75])  # (3 * 1 + 1 * 0) / 4
+    assert parts["text"] == pytest.approx([0.75])
+    assert parts["image"] == pytest.approx([0.0])
+
+
+def test_missing_modality_is_left_out_not_zero() -> None:
+    user = {"text": np.array([1.0, 0, 0, 0]), "image": np.array([0, 1.0, 0])}
+    items = {"text": np.array([[1.0, 0, 0, 0]] * 2), "image": np.array([[0, 1.0, 0], [0, 0, 0]])}
+    present = {"text": np.array([True, True]), "image": np.array([True, False])}
+    scores, parts = fuse(user, items, present, {"text": 1.0, "image": 1.0})
+    assert scores == pytest.approx([1.0, 1.0])
+    assert parts["image"][1] == 0.0 and parts["text"][1] == pytest.approx(1.0)
+
+
+def test_zero_user_vector_and_unshared_modalities() -> None:
+    user = {"text": np.zeros(4), "image": np.array([0, 1.0, 0])}
+    items = {"text": np.ones((1, 4)), "image": np.zeros((1, 3))}
+    present = {"text": np.array([True]), "image": np.array([False])}
+    scores, parts = fuse(user, items, present, {"text": 1.0, "image": 1.0})
+    assert scores == pytest.approx([0.0])
+    assert set(parts) == {"image"}
+
+
+def test_no_candidates_and_negative_weight() -> None:
+    scores, parts = fuse({"text": np.ones(4)}, {"text": np.zeros((0, 4))}, {"text": []}, {})
+    assert scores.shape == (0,) and parts == {}
+    with pytest.raises(ValueError, match=">= 0"):
+        fuse({}, {}, {}, {"text": -1.0})
+
+
+def test_priors() -> None:
+    assert popularity_prior(np.array([0.0, np.e - 1, -3.0])) == pytest.approx([0, 1, 0])
+    assert popularity_prior(np.zeros(3)) == pytest.approx([0, 0, 0])
+    rec = recency_prior(np.array([100.0, 90.0, 200.0, np.nan]), now=100.0, half_life_s=10.0)
+    assert rec == pytest.approx([1.0, 0.5, 1.0, 0.0])
+    scores, parts = add_priors(
+        np.array([0.5, 0.1]),
+        {"text": np.array([0.5, 0.1])},
+        {POPULARITY: np.array([0.0, 1.0]), RECENCY: np.array([1.0, 1.0])},
+        {POPULARITY: 0.2, RECENCY: 0.1},
+    )
+    assert scores == pytest.approx([0.6, 0.4])
+    assert sum(parts.values()) == pytest.approx(scores)
+
+
+def test_top_k_breaks_ties_by_id() -> None:
+    assert top_k(np.array([0.5, 0.9, 0.5]), ["b", "z", "a"], 2) == [1, 2]
+
+
+# --- properties -------------------------------------------------------------------------------
+
+floats = st.floats(-1.0, 1.0, allow_nan=False, width=32)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[dict, dict, dict, dict]:
+    n = draw(st.integers(1, 6))
+    user, items, present, weights = {}, {}, {}, {}
+    for m, d in DIMS.items():
+        items[m] = np.array(
+            draw(st.lists(st.lists(floats, min_size=d, max_size=d), min_size=n, max_size=n))
+        )
+        present[m] = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+        weights[m] = draw(st.floats(0.0, 10.0))
+        if draw(st.booleans()):
+            user[m] = np.array(draw(st.lists(floats, min_size=d, max_size=d)))
+    return user, items, present, weights
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_scores_bounded_and_sum_of_contributions(case: tuple) -> None:
+    scores, parts = fuse(*case)
+    assert np.all(np.abs(scores) <= 1.0 + 1e-9)
+    if parts:
+        assert np.allclose(sum(parts.values()), scores)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.floats(1e-3, 1e3))
+def test_weight_scale_invariance(case: tuple, c: float) -> None:
+    user, items, present, weights = case
+    scaled = {m: w * c for m, w in weights.items()}
+    assert np.allclose(
+        fuse(user, items, present, weights)[0], fuse(user, items, present, scaled)[0]
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.sampled_from(sorted(DIMS)))
+def test_missing_modality_never_counts_as_zero(case: tuple, m: str) -> None:
+    """A candidate lacking m scores exactly as if m did not exist at all."""
+    user, items, present, weights = case
+    present = {**present, m: np.zeros_like(present[m])}
+    without = {k: v for k, v in items.items() if k != m}
+    full = fuse(user, items, present, weights)[0]
+    assert np.allclose(full, fuse(user, without, {k: present[k] for k in without}, weights)[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.sampled_from(sorted(DIMS)), st.floats(0.1, 10.0))
+def test_more_weight_where_closer_raises_score(case: tuple, m: str, extra: float) -> None:
+    """Raising w_m moves each score toward its similarity in m: up wherever m is above the mean."""
+    user, items, present, weights = case
+    before = fuse(user, items, present, weights)[0]
+    after = fuse(user, items, present, {**weights, m: weights[m] + extra})[0]
+    if m not in user or not np.any(user[m]):
+        return
+    sim_m = _cosine(items[m], user[m])
+    has = present[m] & (np.linalg.norm(items[m], axis=1) > 0)
+    closer = has & (sim_m > before + 1e-9)
+    assert np.all(after[closer] >= before[closer] - 1e-9)
+    assert np.all(after[~has] == pytest.approx(before[~has]))
+
+
+def _cosine(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(u)
+    return np.divide(x @ u, norms, out=np.zeros(len(x)), where=norms > 0)
