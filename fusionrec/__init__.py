@@ -1,0 +1,1 @@
+"""fusionrec: streaming, real-time, multimodal recommendations."""

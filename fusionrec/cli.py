@@ -1,0 +1,208 @@
+"""`fusionrec`: run the stack, publish, ask for recommendations, run the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fusionrec.settings import Settings, load_settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+Config = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file (flags > env > file).")
+]
+DataDir = Annotated[Path | None, typer.Option(help="State folder (Qdrant local mode lives here).")]
+Kafka = Annotated[
+    str | None, typer.Option("--kafka", help="Kafka bootstrap servers; default: embedded broker.")
+]
+QdrantUrl = Annotated[
+    str | None, typer.Option("--qdrant-url", help="Qdrant server URL; default: local mode.")
+]
+Host = Annotated[str | None, typer.Option("--host", help="gRPC ranker host.")]
+Port = Annotated[int | None, typer.Option("--port", help="gRPC ranker port.")]
+LogLevel = Annotated[str | None, typer.Option("--log-level")]
+
+
+def _settings(
+    config: Path | None = None,
+    data_dir: Path | None = None,
+    kafka: str | None = None,
+    qdrant_url: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log_level: str | None = None,
+) -> Settings:
+    nested: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap": kafka},
+        "qdrant": {"url": qdrant_url},
+        "ranker": {"host": host, "port": port},
+    }
+    flags = {k: {f: v for f, v in d.items() if v is not None} for k, d in nested.items()}
+    try:
+        return load_settings(
+            config, data_dir=data_dir, log_level=log_level, **{k: v for k, v in flags.items() if v}
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def up(
+    config: Config = None,
+    data_dir: DataDir = None,
+    kafka: Kafka = None,
+    qdrant_url: QdrantUrl = None,
+    host: Host = None,
+    port: Port = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Embedded stack: broker (unless --kafka), Qdrant local mode, worker and ranker in one process."""
+    from fusionrec.stack import up as run_up
+
+    run_up(_settings(config, data_dir, kafka, qdrant_url, host, port, log_level))
+
+
+@app.command()
+def worker(
+    config: Config = None,
+    data_dir: DataDir = None,
+    kafka: Kafka = None,
+    qdrant_url: QdrantUrl = None,
+    log_level: LogLevel = None,
+) -> None:
+    """A stream worker alone (distributed topology: scale by partitions)."""
+    from fusionrec.stack import run_worker
+
+    settings = _settings(config, data_dir, kafka, qdrant_url, log_level=log_level)
+    if settings.kafka.bootstrap is None:
+        raise typer.BadParameter("a worker needs --kafka (the embedded broker runs with `up`)")
+    run_worker(settings, serve=False)
+
+
+@app.command()
+def serve(
+    config: Config = None,
+    data_dir: DataDir = None,
+    qdrant_url: QdrantUrl = None,
+    host: Host = None,
+    port: Port = None,
+    log_level: LogLevel = None,
+) -> None:
+    """A gRPC ranker alone (distributed topology: stateless, behind a load balancer)."""
+    from fusionrec.stack import serve as run_serve
+
+    run_serve(_settings(config, data_dir, None, qdrant_url, host, port, log_level))
+
+
+@app.command()
+def publish(
+    kind: Annotated[str, typer.Argument(help="items or events")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV")],
+    config: Config = None,
+    kafka: Kafka = None,
+) -> None:
+    """Validate and publish a JSONL or CSV file of items or events (acks=all)."""
+    from fusionrec.publisher import Publisher, read_records
+
+    if kind not in ("items", "events"):
+        raise typer.BadParameter("KIND is items or events")
+    docs = list(read_records(file))
+    publisher = Publisher(_settings(config, kafka=kafka))
+    refused = 0
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"publishing {kind}", total=len(docs))
+        for i, reason in enumerate(publisher.publish(kind, docs), 1):  # type: ignore[arg-type]
+            if reason:
+                refused += 1
+                console.print(f"[red]row {i} refused[/red]: {reason}")
+            progress.advance(task)
+    publisher.close()
+    console.print(f"published {len(docs) - refused} {kind}, refused {refused}")
+    if refused:
+        raise typer.Exit(1)
+
+
+def _print_items(title: str, items: list[Any]) -> None:
+    table = Table(title=title)
+    for col in ("#", "item", "title", "score", "contributions", "sources"):
+        table.add_column(col)
+    for rank, it in enumerate(items, 1):
+        contrib = ", ".join(f"{k} {v:+.3f}" for k, v in sorted(it.contributions.items()))
+        table.add_row(
+            str(rank), it.item_id, it.title[:40], f"{it.score:.3f}", contrib, ",".join(it.sources)
+        )
+    console.print(table)
+
+
+def _target(host: str | None, port: int | None, config: Path | None) -> str:
+    r = _settings(config, host=host, port=port).ranker
+    return f"{r.host}:{r.port}"
+
+
+@app.command()
+def recommend(
+    user: str,
+    limit: Annotated[int, typer.Option(min=1)] = 10,
+    category: Annotated[list[str] | None, typer.Option(help="Any of these categories.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Any of these tags.")] = None,
+    config: Config = None,
+    host: Host = None,
+    port: Port = None,
+) -> None:
+    """Ask the ranker what USER should see now."""
+    from serving.client import RankerClient
+
+    with RankerClient(_target(host, port, config)) as client:
+        items = client.recommend(user, limit, categories=category or (), tags=tag or ())
+    _print_items(f"recommendations for {user}", items)
+
+
+@app.command()
+def similar(
+    item: str,
+    limit: Annotated[int, typer.Option(min=1)] = 10,
+    config: Config = None,
+    host: Host = None,
+    port: Port = None,
+) -> None:
+    """Items like ITEM, by late fusion over its modalities."""
+    from serving.client import RankerClient
+
+    with RankerClient(_target(host, port, config)) as client:
+        items = client.similar(item, limit)
+    _print_items(f"items similar to {item}", items)
+
+
+@app.command()
+def demo(
+    data: Annotated[
+        Path | None,
+        typer.Option(help="A MovieLens-style folder (items.csv, ratings.tsv, posters/)."),
+    ] = None,
+) -> None:
+    """Start the embedded stack, stream a catalog and events, show recommendations and a cold start."""
+    from fusionrec.demo import run_demo
+
+    run_demo(console, data)
+
+
+@app.command("export-encoders")
+def export_encoders(
+    out: Annotated[Path, typer.Option(help="Folder for the ONNX models.")] = Path("models/onnx"),
+    config: Config = None,
+) -> None:
+    """Export the configured torch encoders to ONNX, checking onnxruntime agrees with torch."""
+    from encoders.onnx import export_all
+
+    console.print(export_all(_settings(config).encoders, out))
+
+
+def main() -> None:
+    app()

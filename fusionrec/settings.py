@@ -1,0 +1,169 @@
+"""One settings object for every role: flags > environment (FUSIONREC_*) > config file (TOML) > defaults.
+
+Nested fields use `__` in the environment, e.g. `FUSIONREC_RANKER__GRPC_PORT=50061`.
+The config file is named by `--config` or `FUSIONREC_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MODALITIES = ("text", "image", "audio")
+
+
+class KafkaSettings(BaseModel):
+    # None means the embedded Tansu broker (started by `fusionrec up` on embedded_port);
+    # a real cluster is "host:port[,host:port]".
+    bootstrap: str | None = None
+    embedded_port: int = 19092
+    # Set by `fusionrec up` when it runs the embedded broker: turns on the Tansu workarounds.
+    embedded: bool = False
+    items_topic: str = "items"
+    events_topic: str = "events"
+    dead_letters_topic: str = "dead-letters"
+    partitions: int = 1
+    # Messages above this size are dead-lettered instead of decoded.
+    max_message_bytes: int = 4 * 1024 * 1024
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+
+class QdrantSettings(BaseModel):
+    # None means local mode on `<data_dir>/qdrant`.
+    url: str | None = None
+    api_key: SecretStr | None = None
+    items_collection: str = "items"
+    users_collection: str = "users"
+
+
+class EncoderSettings(BaseModel):
+    # Which modalities this deployment encodes; an item's other modalities are ignored.
+    enabled: list[str] = Field(default_factory=lambda: ["text", "image", "audio"])
+    # sentence-transformers model name or local path; "minilm-l6-v2" is the packaged offline default.
+    text_model: str = "minilm-l6-v2"
+    # "mobilenet_v2" (torchvision, packaged weights) or "open_clip:<arch>" with image_checkpoint.
+    image_model: str = "mobilenet_v2"
+    image_checkpoint: str | None = None
+    audio_model: str = "aisfx"
+    batch_size: int = 32
+    # "auto" picks CUDA when present.
+    device: str = "auto"
+    threads: int = 1
+    # Folder holding exported ONNX models; the onnxruntime path is used where one is present.
+    onnx_dir: Path | None = None
+
+
+class MediaSettings(BaseModel):
+    # Item media given as file paths resolve under this folder and never outside it.
+    root: Path = Path(".")
+    fetch_remote: bool = False
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["https"])
+    # Empty means any public host; private, loopback and link-local addresses stay refused.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allow_private_addresses: bool = False
+    fetch_timeout_s: float = 5.0
+    max_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+
+
+class ProfileSettings(BaseModel):
+    half_life_days: float = 30.0
+    # Signed weight of each event type; negative types pull the profile away from the item.
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 0.1,
+            "click": 0.3,
+            "like": 1.0,
+            "add_to_cart": 1.5,
+            "purchase": 2.0,
+            "dislike": -1.0,
+            "skip": -0.3,
+        }
+    )
+    # A "rating" event's weight is (value - rating_midpoint) / rating_scale.
+    rating_midpoint: float = 3.0
+    rating_scale: float = 2.0
+    seen_cap: int = 5000
+    dedupe_window: int = 2000
+    # Events whose item has not arrived are held this long, then dead-lettered.
+    pending_ttl_s: float = 7 * 24 * 3600.0
+    pending_retry_s: float = 1.0
+
+
+class RankerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    modality_weights: dict[str, float] = Field(
+        default_factory=lambda: {"text": 1.0, "image": 1.0, "audio": 1.0}
+    )
+    candidates_per_modality: int = 100
+    fresh_candidates: int = 50
+    popular_candidates: int = 50
+    popularity_weight: float = 0.05
+    recency_weight: float = 0.05
+    recency_half_life_days: float = 7.0
+    max_limit: int = 200
+    max_id_length: int = 256
+
+
+class WorkerSettings(BaseModel):
+    batch_size: int = 32
+    batch_within_s: float = 0.05
+    encode_threads: int = 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FUSIONREC_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path = Path(".fusionrec")
+    log_level: str = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
+    encoders: EncoderSettings = Field(default_factory=EncoderSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    profiles: ProfileSettings = Field(default_factory=ProfileSettings)
+    ranker: RankerSettings = Field(default_factory=RankerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.bootstrap or f"127.0.0.1:{self.kafka.embedded_port}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("FUSIONREC_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` are the flags (nested as dicts), highest precedence."""
+    if config is not None:
+        if not config.is_file():
+            raise FileNotFoundError(f"config file not found: {config}")
+        os.environ["FUSIONREC_CONFIG"] = str(config)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

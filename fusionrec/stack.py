@@ -1,0 +1,93 @@
+"""Process launchers: the embedded stack (`up`), a stream worker, a standalone ranker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+from typing import Any
+
+import faust
+import mode
+from serving.server import start_server, stop_server
+
+from encoders.registry import build_encoders
+from fusionrec import store
+from fusionrec.broker import EmbeddedBroker
+from fusionrec.settings import Settings
+from streams.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class RankerService(mode.Service):
+    """The gRPC ranker as a service of the Faust worker: it binds to the worker's loop and
+    shares its Qdrant client (local mode allows one client per data directory)."""
+
+    def __init__(self, settings: Settings, client: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.client = client
+        self.server: Any = None
+
+    async def on_start(self) -> None:
+        self.server = await start_server(self.settings, self.client)
+        log.info("ranker listening on %s:%s", self.settings.ranker.host, self.server.port)
+
+    async def on_stop(self) -> None:
+        if self.server is not None:
+            await stop_server(self.server, grace=2.0)
+
+
+def run_worker(settings: Settings, *, serve: bool) -> None:
+    """Run the stream worker (with the ranker in-process when `serve`) until SIGINT/SIGTERM."""
+    logging.basicConfig(level=settings.log_level)
+    client = store.connect(settings)
+    encoders = build_encoders(settings.encoders)
+    store.ensure_collections(client, settings, {e.vector_name: e.dim for e in encoders.values()})
+    # A full collection over the torch heap froze the loop ~350 ms: freeze what loading made.
+    gc.collect()
+    gc.freeze()
+    app = create_app(settings, client, encoders)
+    services = [RankerService(settings, client)] if serve else []
+    worker = faust.Worker(app, *services, loglevel=settings.log_level)
+    with contextlib.suppress(SystemExit):
+        worker.execute_from_commandline()
+    client.close()
+
+
+def up(settings: Settings) -> None:
+    """The embedded stack: broker (unless --kafka), worker and ranker in this one process."""
+    if settings.kafka.bootstrap is not None:
+        run_worker(settings, serve=True)
+        return
+    with EmbeddedBroker(port=settings.kafka.embedded_port) as broker:
+        log.warning(
+            "embedded broker on %s: memory only, messages are lost when it stops",
+            broker.bootstrap,
+        )
+        embedded = settings.kafka.model_copy(
+            update={"bootstrap": broker.bootstrap, "embedded": True}
+        )
+        run_worker(settings.model_copy(update={"kafka": embedded}), serve=True)
+
+
+def serve(settings: Settings) -> None:
+    """A standalone ranker for the distributed topology (stateless; point it at a Qdrant server)."""
+    logging.basicConfig(level=settings.log_level)
+
+    async def main() -> None:
+        client = store.connect(settings)
+        server = await start_server(settings, client)
+        log.info("ranker listening on %s:%s", settings.ranker.host, server.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await stop_server(server, grace=2.0)
+        client.close()
+
+    asyncio.run(main())

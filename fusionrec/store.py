@@ -1,0 +1,78 @@
+"""The Qdrant layout every role shares: collections, vector names, point ids, payload fields."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from qdrant_client import QdrantClient, models
+
+from fusionrec.settings import Settings
+
+# Fixed namespace: point ids must stay the same across processes and releases.
+_NAMESPACE = uuid.UUID("6f1c2a52-8d0e-4d3b-9a57-3f1f0c9e2b11")
+
+# Payload fields of an item point that filters and priors read.
+ITEM_ID = "item_id"
+CATEGORY = "category"
+TAGS = "tags"
+ATTRIBUTES = "attributes"
+CREATED_AT = "created_at"
+POPULARITY = "popularity"
+
+
+def item_point_id(item_id: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"item:{item_id}"))
+
+
+def user_point_id(user_id: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"user:{user_id}"))
+
+
+def modality_of(vector_name: str) -> str:
+    """`text.minilm-l6-v2` -> `text`: a vector name is `<modality>.<encoder name>`."""
+    return vector_name.split(".", 1)[0]
+
+
+def connect(settings: Settings) -> QdrantClient:
+    q = settings.qdrant
+    if q.url:
+        key = q.api_key.get_secret_value() if q.api_key else None
+        return QdrantClient(url=q.url, api_key=key, prefer_grpc=True, timeout=10)
+    path = Path(settings.data_dir) / "qdrant"
+    path.mkdir(parents=True, exist_ok=True)
+    return QdrantClient(path=str(path))
+
+
+def ensure_collections(client: QdrantClient, settings: Settings, dims: Mapping[str, int]) -> None:
+    """Create `items` (cosine) and `users` (dot) with one named vector per encoder.
+
+    Users use dot product because a profile is stored unnormalised: its length is how much
+    evidence stands behind it, and cosine would normalise that away on write.
+    """
+    layouts = {
+        settings.qdrant.items_collection: models.Distance.COSINE,
+        settings.qdrant.users_collection: models.Distance.DOT,
+    }
+    for name, distance in layouts.items():
+        wanted = {v: models.VectorParams(size=d, distance=distance) for v, d in dims.items()}
+        if client.collection_exists(name):
+            have = client.get_collection(name).config.params.vectors
+            have = have if isinstance(have, dict) else {}
+            missing = sorted(set(wanted) - set(have))
+            if missing:
+                raise RuntimeError(
+                    f"collection {name!r} lacks vectors {missing}: an encoder changed; "
+                    "re-encode into a new collection or restore the previous encoder settings"
+                )
+            continue
+        client.create_collection(name, vectors_config=wanted)
+        if name == settings.qdrant.items_collection:
+            for field, schema in (
+                (CATEGORY, models.PayloadSchemaType.KEYWORD),
+                (TAGS, models.PayloadSchemaType.KEYWORD),
+                (CREATED_AT, models.PayloadSchemaType.FLOAT),
+                (POPULARITY, models.PayloadSchemaType.FLOAT),
+            ):
+                client.create_payload_index(name, field, field_schema=schema)

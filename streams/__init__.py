@@ -1,0 +1,1 @@
+"""The stream side: records, agents, catalog and profile state."""

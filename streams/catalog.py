@@ -1,0 +1,135 @@
+"""The item catalog in Qdrant: encode items on arrival, upsert them idempotently, look them up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from encoders.base import EncodeError, Encoder
+from fusionrec import store
+from fusionrec.settings import Settings
+from streams.media import MediaError, load_media
+from streams.records import ItemRecord
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    vectors: dict[str, np.ndarray]
+    popularity: float
+
+
+class Catalog:
+    def __init__(
+        self, client: QdrantClient, settings: Settings, encoders: Mapping[str, Encoder]
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.encoders = encoders
+        self.collection = settings.qdrant.items_collection
+
+    def encode(self, items: Sequence[ItemRecord]) -> list[dict[str, np.ndarray] | EncodeError]:
+        """Vectors per item, one named vector per modality it has; or that item's error.
+
+        Blocking (media I/O and model inference): the agent runs it in an executor thread.
+        An item with a modality that fails is refused whole rather than stored half-encoded.
+        """
+        out: list[dict[str, np.ndarray] | EncodeError] = [{} for _ in items]
+        for modality, encoder in self.encoders.items():
+            idx, contents = [], []
+            for i, item in enumerate(items):
+                if isinstance(out[i], EncodeError):
+                    continue
+                try:
+                    content = self._content(item, modality)
+                except MediaError as exc:
+                    out[i] = EncodeError(f"{modality}: {exc}")
+                    continue
+                if content is not None:
+                    idx.append(i)
+                    contents.append(content)
+            if not contents:
+                continue
+            for i, result in zip(idx, encoder.encode_batch(contents), strict=True):
+                slot = out[i]
+                if isinstance(result, EncodeError):
+                    out[i] = EncodeError(f"{modality}: {result}")
+                elif isinstance(slot, dict):
+                    slot[encoder.vector_name] = result
+        for i, slot in enumerate(out):
+            if isinstance(slot, dict) and not slot:
+                out[i] = EncodeError("item has no content in any enabled modality")
+        return out
+
+    def _content(self, item: ItemRecord, modality: str) -> str | bytes | None:
+        if modality == "text":
+            return item.text or None
+        ref = getattr(item, modality, None)
+        return None if ref is None else load_media(ref, self.settings.media)
+
+    def upsert(self, items: Sequence[ItemRecord], vectors: Sequence[dict[str, np.ndarray]]) -> None:
+        """Write items; the point id is uuid5(item id), so a replay overwrites, never duplicates.
+
+        Popularity is earned from events, not sent by producers: an update keeps it.
+        """
+        if not items:
+            return
+        kept = {item_id: c.popularity for item_id, c in self.lookup([i.id for i in items]).items()}
+        points = [
+            models.PointStruct(
+                id=store.item_point_id(item.id),
+                vector={name: v.tolist() for name, v in vecs.items()},
+                payload={
+                    store.ITEM_ID: item.id,
+                    "title": item.title,
+                    store.CATEGORY: item.category,
+                    store.TAGS: list(item.tags),
+                    store.ATTRIBUTES: dict(item.attributes),
+                    store.CREATED_AT: item.created_at,
+                    store.POPULARITY: kept.get(item.id, 0.0),
+                    "modalities": sorted({store.modality_of(n) for n in vecs}),
+                },
+            )
+            for item, vecs in zip(items, vectors, strict=True)
+        ]
+        self.client.upsert(self.collection, points=points)
+
+    def delete(self, item_ids: Iterable[str]) -> None:
+        ids = [store.item_point_id(i) for i in item_ids]
+        if ids:
+            self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids))
+
+    def lookup(self, item_ids: Iterable[str], with_vectors: bool = False) -> dict[str, CatalogItem]:
+        """The stored items among `item_ids` (absent ones are simply missing from the answer)."""
+        ids = sorted({store.item_point_id(i) for i in item_ids})
+        if not ids:
+            return {}
+        found = self.client.retrieve(
+            self.collection, ids=ids, with_vectors=with_vectors, with_payload=True
+        )
+        return {
+            p.payload[store.ITEM_ID]: CatalogItem(
+                vectors={k: np.asarray(v, dtype=np.float32) for k, v in (p.vector or {}).items()}
+                if isinstance(p.vector, dict)
+                else {},
+                popularity=float(p.payload.get(store.POPULARITY) or 0.0),
+            )
+            for p in found
+        }
+
+    def add_popularity(self, gains: Mapping[str, float], known: Mapping[str, CatalogItem]) -> None:
+        """Raise popularity counters in one round trip; `known` holds the current values."""
+        ops = [
+            models.SetPayloadOperation(
+                set_payload=models.SetPayload(
+                    payload={store.POPULARITY: known[item_id].popularity + gain},
+                    points=[store.item_point_id(item_id)],
+                )
+            )
+            for item_id, gain in gains.items()
+            if item_id in known and gain
+        ]
+        if ops:
+            self.client.batch_update_points(self.collection, update_operations=ops)

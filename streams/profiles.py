@@ -1,0 +1,92 @@
+"""Profile arithmetic as pure functions: the same in the worker, the ranker and the evaluator.
+
+A profile keeps, per vector name, an unnormalised accumulator of item vectors weighted by event
+type and decayed by age (half-life), referenced to one time `t_ref`. Its direction is the taste;
+its length is how much recent evidence stands behind it. Negative events subtract, so the
+profile turns away from what the user disliked or skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusionrec.settings import ProfileSettings
+
+DAY_S = 86_400.0
+
+
+def event_weight(event_type: str, value: float | None, cfg: ProfileSettings) -> float:
+    """Signed weight of one event: a rating's weight follows its value around the midpoint."""
+    if event_type == "rating":
+        return ((value if value is not None else cfg.rating_midpoint) - cfg.rating_midpoint) / (
+            cfg.rating_scale
+        )
+    return cfg.event_weights.get(event_type, 0.0)
+
+
+def decay(age_s: float, half_life_s: float) -> float:
+    return math.pow(0.5, max(age_s, 0.0) / half_life_s)
+
+
+def fold(
+    vectors: Mapping[str, np.ndarray],
+    t_ref: float,
+    item: Mapping[str, np.ndarray],
+    weight: float,
+    t_event: float,
+    half_life_s: float,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Add one weighted item to the accumulators, in the modalities the item has.
+
+    A newer event ages the whole profile to its time; an older one (late, out of order) is
+    itself aged to the profile's time, so the result does not depend on arrival order.
+    """
+    if t_event >= t_ref:
+        keep, add, t_new = decay(t_event - t_ref, half_life_s), weight, t_event
+    else:
+        keep, add, t_new = 1.0, weight * decay(t_ref - t_event, half_life_s), t_ref
+    out = {name: v * keep for name, v in vectors.items()}
+    for name, x in item.items():
+        x = np.asarray(x, dtype=np.float32)
+        out[name] = out[name] + add * x if name in out else add * x
+    return {k: v.astype(np.float32, copy=False) for k, v in out.items()}, t_new
+
+
+def normalised(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unit-length taste per vector name; a zero accumulator (evidence cancelled out) is dropped."""
+    out = {}
+    for name, v in vectors.items():
+        n = float(np.linalg.norm(v))
+        if n > 1e-9:
+            out[name] = (v / n).astype(np.float32)
+    return out
+
+
+@dataclass
+class Profile:
+    """A user's state as the profile agent keeps it (and stores in the `users` collection)."""
+
+    user_id: str
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    t_ref: float = 0.0
+    seen: list[str] = field(default_factory=list)
+    recent_event_ids: list[str] = field(default_factory=list)
+    # Events whose item had not arrived yet ({"held_at", "event"}), applied when it does.
+    pending: list[dict] = field(default_factory=list)
+    updated_at: float = 0.0
+
+    def remember(self, event_id: str, item_id: str, cfg: ProfileSettings) -> None:
+        """Record an accepted event (applied or held): its id for dedupe, its item as seen."""
+        self.recent_event_ids.append(event_id)
+        del self.recent_event_ids[: -cfg.dedupe_window]
+        if item_id in self.seen:
+            self.seen.remove(item_id)
+        self.seen.append(item_id)
+        del self.seen[: -cfg.seen_cap]
+
+    def already_applied(self, event_id: str) -> bool:
+        return event_id in self.recent_event_ids

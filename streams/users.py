@@ -1,0 +1,187 @@
+"""User profiles as durable state: Qdrant `users` is the store, an in-process LRU the working copy.
+
+Why Qdrant and not a Faust table: the ranker reads profiles from Qdrant anyway, local mode on a
+path is durable across restarts (the embedded broker is memory-only), and per-record changelog
+writes collapse the embedded broker after ~15k messages. Profiles are written back once per
+batch, and event ids applied recently are stored with the profile, so a replay after a crash
+applies nothing twice. The same code serves the distributed topology against a Qdrant server,
+where users are partitioned across workers by the events topic's key (the user id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from fusionrec import store
+from fusionrec.settings import Settings
+from streams.catalog import Catalog
+from streams.profiles import DAY_S, Profile, event_weight, fold
+from streams.records import EventRecord
+
+
+class Users:
+    def __init__(
+        self, client: QdrantClient, settings: Settings, catalog: Catalog, cache_size: int = 50_000
+    ) -> None:
+        self.client = client
+        self.cfg = settings.profiles
+        self.catalog = catalog
+        self.collection = settings.qdrant.users_collection
+        self.cache: OrderedDict[str, Profile] = OrderedDict()
+        self.cache_size = cache_size
+        self.half_life_s = self.cfg.half_life_days * DAY_S
+        # Users whose profile holds events for items that have not arrived yet.
+        self.holding: set[str] = set()
+
+    # -- state --------------------------------------------------------------------------------
+    def load(self, user_ids: Iterable[str]) -> dict[str, Profile]:
+        wanted = list(dict.fromkeys(user_ids))
+        missing = [u for u in wanted if u not in self.cache]
+        if missing:
+            points = self.client.retrieve(
+                self.collection,
+                ids=[store.user_point_id(u) for u in missing],
+                with_vectors=True,
+                with_payload=True,
+            )
+            found = {p.payload["user_id"]: p for p in points}
+            for u in missing:
+                self._cache(_from_point(found[u]) if u in found else Profile(user_id=u))
+        out = {}
+        for u in wanted:
+            self.cache.move_to_end(u)
+            out[u] = self.cache[u]
+        return out
+
+    def save(self, profiles: Iterable[Profile]) -> None:
+        points = [_to_point(p) for p in profiles]
+        if points:
+            self.client.upsert(self.collection, points=points)
+
+    def _cache(self, profile: Profile) -> None:
+        self.cache[profile.user_id] = profile
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)  # saved every batch, so eviction loses nothing
+
+    def recover_holding(self) -> None:
+        """After a restart: find the stored profiles that hold events (one scan, at start-up)."""
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection,
+                scroll_filter=models.Filter(
+                    must_not=[models.IsEmptyCondition(is_empty=models.PayloadField(key="pending"))]
+                ),
+                limit=256,
+                offset=offset,
+                with_payload=["user_id"],
+            )
+            self.holding.update(p.payload["user_id"] for p in points)
+            if offset is None:
+                break
+
+    # -- events -------------------------------------------------------------------------------
+    def apply(self, events: Sequence[EventRecord]) -> int:
+        """Fold a batch of events into profiles; returns how many were new (not duplicates).
+
+        Events whose item is not in the catalog yet are held in the profile until it arrives.
+        """
+        profiles = self.load(e.user_id for e in events)
+        fresh: list[EventRecord] = []
+        now = time.time()
+        for e in sorted(events, key=lambda e: e.timestamp):
+            p = profiles[e.user_id]
+            if p.already_applied(e.event_id):
+                continue
+            p.remember(e.event_id, e.item_id, self.cfg)
+            fresh.append(e)
+        items = self.catalog.lookup({e.item_id for e in fresh}, with_vectors=True)
+        gains: dict[str, float] = {}
+        for e in fresh:
+            p = profiles[e.user_id]
+            if e.item_id not in items:
+                p.pending.append({"held_at": now, "event": e.model_dump(mode="json")})
+                self.holding.add(e.user_id)
+                continue
+            w = self._fold(p, e, items[e.item_id].vectors)
+            if w > 0:
+                gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+        touched = {e.user_id for e in fresh}
+        for u in touched:
+            profiles[u].updated_at = now
+        self.save(profiles[u] for u in touched)
+        self.catalog.add_popularity(gains, items)
+        return len(fresh)
+
+    def retry_pending(self, now: float | None = None) -> list[EventRecord]:
+        """Apply held events whose item has arrived; return those held past the TTL (dropped here,
+        dead-lettered by the caller)."""
+        now = time.time() if now is None else now
+        if not self.holding:
+            return []
+        held = list(self.load(self.holding).values())
+        items = self.catalog.lookup(
+            {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
+        )
+        expired: list[EventRecord] = []
+        gains: dict[str, float] = {}
+        for p in held:
+            keep = []
+            for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
+                e = EventRecord.model_validate(held_event["event"])
+                if e.item_id in items:
+                    w = self._fold(p, e, items[e.item_id].vectors)
+                    if w > 0:
+                        gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+                elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
+                    expired.append(e)
+                else:
+                    keep.append(held_event)
+            p.pending = keep
+            if not keep:
+                self.holding.discard(p.user_id)
+        self.save(held)
+        self.catalog.add_popularity(gains, items)
+        return expired
+
+    def _fold(self, p: Profile, e: EventRecord, item_vectors: dict[str, np.ndarray]) -> float:
+        w = event_weight(e.type, e.value, self.cfg)
+        if w:
+            p.vectors, p.t_ref = fold(
+                p.vectors, p.t_ref, item_vectors, w, e.timestamp, self.half_life_s
+            )
+        return w
+
+
+def _to_point(p: Profile) -> models.PointStruct:
+    return models.PointStruct(
+        id=store.user_point_id(p.user_id),
+        vector={name: v.tolist() for name, v in p.vectors.items()},
+        payload={
+            "user_id": p.user_id,
+            "t_ref": p.t_ref,
+            "seen": p.seen,
+            "recent_event_ids": p.recent_event_ids,
+            "pending": p.pending,
+            "updated_at": p.updated_at,
+        },
+    )
+
+
+def _from_point(point: models.Record) -> Profile:
+    payload = point.payload or {}
+    vectors = point.vector if isinstance(point.vector, dict) else {}
+    return Profile(
+        user_id=payload["user_id"],
+        vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
+        t_ref=float(payload.get("t_ref", 0.0)),
+        seen=list(payload.get("seen", [])),
+        recent_event_ids=list(payload.get("recent_event_ids", [])),
+        pending=list(payload.get("pending", [])),
+        updated_at=float(payload.get("updated_at", 0.0)),
+    )
