@@ -63,7 +63,7 @@ def up(
     port: Port = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Embedded stack: broker (unless --kafka), Qdrant local mode, worker and ranker in one process."""
+    """Embedded stack: broker (unless --kafka), Qdrant local mode, worker + ranker, one process."""
     from fusionrec.stack import up as run_up
 
     run_up(_settings(config, data_dir, kafka, qdrant_url, host, port, log_level))
@@ -187,7 +187,7 @@ def demo(
         typer.Option(help="A MovieLens-style folder (items.csv, ratings.tsv, posters/)."),
     ] = None,
 ) -> None:
-    """Start the embedded stack, stream a catalog and events, show recommendations and a cold start."""
+    """Start the embedded stack, stream a catalog and events, show recommendations, a cold start."""
     from fusionrec.demo import run_demo
 
     run_demo(console, data)

@@ -1,6 +1,6 @@
-"""One settings object for every role: flags > environment (FUSIONREC_*) > config file (TOML) > defaults.
+"""One settings object for every role: flags > environment (FUSIONREC_*) > TOML file > defaults.
 
-Nested fields use `__` in the environment, e.g. `FUSIONREC_RANKER__GRPC_PORT=50061`.
+Nested fields use `__` in the environment, e.g. `FUSIONREC_RANKER__PORT=50061`.
 The config file is named by `--config` or `FUSIONREC_CONFIG`.
 """
 
@@ -51,7 +51,7 @@ class QdrantSettings(BaseModel):
 class EncoderSettings(BaseModel):
     # Which modalities this deployment encodes; an item's other modalities are ignored.
     enabled: list[str] = Field(default_factory=lambda: ["text", "image", "audio"])
-    # sentence-transformers model name or local path; "minilm-l6-v2" is the packaged offline default.
+    # sentence-transformers name or local path; "minilm-l6-v2" is the packaged offline default.
     text_model: str = "minilm-l6-v2"
     # "mobilenet_v2" (torchvision, packaged weights) or "open_clip:<arch>" with image_checkpoint.
     image_model: str = "mobilenet_v2"
