@@ -152,7 +152,7 @@ def _decode(model: type[_Record], raw: bytes | None) -> Any:
     if raw is None:
         raise RecordError("empty message (no value)")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise RecordError("message is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:

@@ -1,0 +1,92 @@
+"""Profile arithmetic: pure functions over numpy arrays."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusionrec.settings import ProfileSettings
+from streams.profiles import DAY_S, Profile, decay, event_weight, fold, normalised
+
+CFG = ProfileSettings()
+HL = 10 * DAY_S
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.asarray(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_event_weights_signed_by_type_and_rating():
+    assert event_weight("purchase", None, CFG) > event_weight("like", None, CFG) > 0
+    assert event_weight("dislike", None, CFG) < 0 and event_weight("skip", None, CFG) < 0
+    assert event_weight("rating", 5, CFG) == 1.0
+    assert event_weight("rating", 4, CFG) == 0.5
+    assert event_weight("rating", 3, CFG) == 0.0
+    assert event_weight("rating", 1, CFG) == -1.0
+
+
+def test_decay_halves_each_half_life():
+    assert decay(0, HL) == 1.0
+    assert decay(HL, HL) == pytest.approx(0.5)
+    assert decay(3 * HL, HL) == pytest.approx(0.125)
+    assert decay(-5, HL) == 1.0  # no growth from clock skew
+
+
+def test_fold_moves_towards_liked_and_away_from_disliked():
+    a, b = unit(1, 0, 0), unit(0, 1, 0)
+    v, t = fold({}, 0.0, {"text.m": a}, 1.0, 100.0, HL)
+    assert t == 100.0
+    v, t = fold(v, t, {"text.m": b}, -1.0, 200.0, HL)
+    taste = normalised(v)["text.m"]
+    assert taste @ a > 0 > taste @ b
+
+
+def test_fold_only_touches_modalities_the_item_has():
+    v, _t = fold({"image.m": unit(1, 0)}, 0.0, {"text.m": unit(0, 1, 0)}, 1.0, 0.0, HL)
+    assert set(v) == {"image.m", "text.m"}
+    np.testing.assert_allclose(v["image.m"], unit(1, 0))
+
+
+def test_older_evidence_counts_less():
+    a, b = unit(1, 0), unit(0, 1)
+    v, t = fold({}, 0.0, {"x": a}, 1.0, 0.0, HL)
+    v, t = fold(v, t, {"x": b}, 1.0, HL, HL)  # b one half-life later
+    np.testing.assert_allclose(v["x"], 0.5 * a + b, rtol=1e-6)
+
+
+@given(st.permutations(range(5)))
+def test_fold_result_does_not_depend_on_arrival_order(order):
+    rng = np.random.default_rng(0)
+    items = [rng.normal(size=4).astype(np.float32) for _ in range(5)]
+    times = [0.0, 3 * DAY_S, 1 * DAY_S, 10 * DAY_S, 7 * DAY_S]
+    weights = [1.0, -0.5, 2.0, 0.3, 1.0]
+
+    def run(seq):
+        v, t = {}, 0.0
+        for i in seq:
+            v, t = fold(v, t, {"x": items[i]}, weights[i], times[i], HL)
+        return v["x"], t
+
+    base, t0 = run(range(5))
+    got, t1 = run(order)
+    assert t0 == t1
+    np.testing.assert_allclose(got, base, rtol=1e-4, atol=1e-5)
+
+
+def test_normalised_drops_cancelled_evidence():
+    a = unit(1, 1)
+    v, t = fold({}, 0.0, {"x": a}, 1.0, 0.0, HL)
+    v, t = fold(v, t, {"x": a}, -1.0, 0.0, HL)
+    assert normalised(v) == {}
+
+
+def test_profile_remembers_bounded_and_dedupes():
+    cfg = ProfileSettings(seen_cap=3, dedupe_window=2)
+    p = Profile("u")
+    for i in range(5):
+        p.remember(f"e{i}", f"i{i}", cfg)
+    assert p.seen == ["i2", "i3", "i4"]
+    assert p.already_applied("e4") and not p.already_applied("e0")
+    p.remember("e5", "i2", cfg)
+    assert p.seen == ["i3", "i4", "i2"]  # re-seen moves to most recent
