@@ -1,0 +1,136 @@
+"""A small synchronous client for the Ranker, returning plain dataclasses.
+
+Errors surface as `grpc.RpcError` (with `.code()` and `.details()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item_id: str
+    score: float
+    contributions: dict[str, float]
+    title: str
+    category: str | None
+    tags: list[str]
+    sources: list[str]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    items: list[RankedItem]
+    cold_start: bool = False
+    modality_weights: dict[str, float] = field(default_factory=dict)
+
+
+class RankerClient:
+    def __init__(self, target: str, *, timeout: float = 5.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = ranker_pb2_grpc.RankerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    def recommend(
+        self,
+        user_id: str,
+        limit: int = 10,
+        *,
+        categories: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        attributes: Mapping[str, str] | None = None,
+        exclude_seen: bool = True,
+        modality_weights: Mapping[str, float] | None = None,
+        explain: bool = True,
+    ) -> Ranking:
+        reply = self._stub.Recommend(
+            ranker_pb2.RecommendRequest(
+                user_id=user_id,
+                limit=limit,
+                filter=_filter(categories, tags, attributes),
+                exclude_seen=exclude_seen,
+                modality_weights=modality_weights or {},
+                explain=explain,
+            ),
+            timeout=self.timeout,
+        )
+        return _ranking(reply.items, reply.modality_weights, cold_start=reply.cold_start)
+
+    def similar(
+        self,
+        item_id: str,
+        limit: int = 10,
+        *,
+        categories: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        attributes: Mapping[str, str] | None = None,
+        modality_weights: Mapping[str, float] | None = None,
+        explain: bool = True,
+    ) -> Ranking:
+        reply = self._stub.SimilarItems(
+            ranker_pb2.SimilarItemsRequest(
+                item_id=item_id,
+                limit=limit,
+                filter=_filter(categories, tags, attributes),
+                modality_weights=modality_weights or {},
+                explain=explain,
+            ),
+            timeout=self.timeout,
+        )
+        return _ranking(reply.items, reply.modality_weights)
+
+    def health(self, service: str = "") -> str:
+        """The serving status name, e.g. "SERVING"; "" asks about the whole server."""
+        reply = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RankerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _filter(
+    categories: Iterable[str], tags: Iterable[str], attributes: Mapping[str, str] | None
+) -> ranker_pb2.Filter:
+    return ranker_pb2.Filter(
+        categories=list(categories), tags=list(tags), attributes=dict(attributes or {})
+    )
+
+
+def _ranking(
+    items: Iterable[ranker_pb2.ScoredItem],
+    weights: Mapping[str, float],
+    *,
+    cold_start: bool = False,
+) -> Ranking:
+    return Ranking(
+        items=[
+            RankedItem(
+                item_id=i.item_id,
+                score=i.score,
+                contributions=dict(i.contributions),
+                title=i.title,
+                category=i.category if i.HasField("category") else None,
+                tags=list(i.tags),
+                sources=list(i.sources),
+            )
+            for i in items
+        ],
+        cold_start=cold_start,
+        modality_weights=dict(weights),
+    )

