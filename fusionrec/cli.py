@@ -129,14 +129,14 @@ def publish(
         raise typer.Exit(1)
 
 
-def _print_items(title: str, items: list[Any]) -> None:
+def print_ranking(title: str, items: list[Any]) -> None:
     table = Table(title=title)
-    for col in ("#", "item", "title", "score", "contributions", "sources"):
+    for col in ("#", "item", "title", "score", "why (contributions)", "found by"):
         table.add_column(col)
     for rank, it in enumerate(items, 1):
-        contrib = ", ".join(f"{k} {v:+.3f}" for k, v in sorted(it.contributions.items()))
+        why = " ".join(f"{k} {v:+.2f}" for k, v in sorted(it.contributions.items()) if v)
         table.add_row(
-            str(rank), it.item_id, it.title[:40], f"{it.score:.3f}", contrib, ",".join(it.sources)
+            str(rank), it.item_id, it.title[:28], f"{it.score:.3f}", why, ",".join(it.sources)
         )
     console.print(table)
 
@@ -160,8 +160,9 @@ def recommend(
     from serving.client import RankerClient
 
     with RankerClient(_target(host, port, config)) as client:
-        items = client.recommend(user, limit, categories=category or (), tags=tag or ())
-    _print_items(f"recommendations for {user}", items)
+        ranking = client.recommend(user, limit, categories=category or (), tags=tag or ())
+    cold = " (no history yet: popular and fresh)" if ranking.cold_start else ""
+    print_ranking(f"recommendations for {user}{cold}", ranking.items)
 
 
 @app.command()
@@ -176,8 +177,8 @@ def similar(
     from serving.client import RankerClient
 
     with RankerClient(_target(host, port, config)) as client:
-        items = client.similar(item, limit)
-    _print_items(f"items similar to {item}", items)
+        ranking = client.similar(item, limit)
+    print_ranking(f"items similar to {item}", ranking.items)
 
 
 @app.command()
@@ -190,7 +191,7 @@ def demo(
     """Start the embedded stack, stream a catalog and events, show recommendations, a cold start."""
     from fusionrec.demo import run_demo
 
-    run_demo(console, data)
+    run_demo(data)
 
 
 @app.command("export-encoders")

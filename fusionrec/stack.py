@@ -11,12 +11,12 @@ from typing import Any
 
 import faust
 import mode
-from serving.server import start_server, stop_server
 
 from encoders.registry import build_encoders
 from fusionrec import store
 from fusionrec.broker import EmbeddedBroker
 from fusionrec.settings import Settings
+from serving.server import start_server, stop_server
 from streams.app import create_app
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,11 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     """Run the stream worker (with the ranker in-process when `serve`) until SIGINT/SIGTERM."""
     logging.basicConfig(level=settings.log_level)
     client = store.connect(settings)
-    encoders = build_encoders(settings.encoders)
+    encoders = build_encoders(
+        settings.encoders,
+        max_image_pixels=settings.media.max_image_pixels,
+        max_audio_seconds=settings.media.max_audio_seconds,
+    )
     store.ensure_collections(client, settings, {e.vector_name: e.dim for e in encoders.values()})
     # A full collection over the torch heap froze the loop ~350 ms: freeze what loading made.
     gc.collect()

@@ -1,0 +1,94 @@
+"""Catalog and profile state against real Qdrant local mode (no broker: the agents' logic alone)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from fusionrec import store
+from fusionrec.settings import Settings
+from streams.catalog import Catalog
+from streams.records import EventRecord, ItemRecord
+from streams.users import Users
+
+DIMS = {"text.t": 3, "image.i": 2}
+
+
+@pytest.fixture()
+def state(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    client = QdrantClient(path=str(tmp_path / "q"))
+    store.ensure_collections(client, settings, DIMS)
+    catalog = Catalog(client, settings, encoders={})
+    yield settings, client, catalog, Users(client, settings, catalog)
+    client.close()
+
+
+def add_item(catalog: Catalog, item_id: str, text, image=None) -> None:
+    vecs = {"text.t": np.asarray(text, np.float32)}
+    if image is not None:
+        vecs["image.i"] = np.asarray(image, np.float32)
+    catalog.upsert([ItemRecord(id=item_id, title=item_id)], [vecs])
+
+
+def event(eid: str, item: str, kind: str = "like", user: str = "u", t: float = 100.0):
+    return EventRecord(event_id=eid, user_id=user, item_id=item, type=kind, timestamp=t)
+
+
+def test_replayed_items_stay_one_point_each(state):
+    _, client, catalog, _ = state
+    for _ in range(2):
+        add_item(catalog, "a", [1, 0, 0])
+        add_item(catalog, "b", [0, 1, 0], [1, 0])
+    assert client.count("items").count == 2
+    catalog.delete(["a"])
+    assert client.count("items").count == 1
+
+
+def test_duplicate_event_ids_apply_once_and_survive_a_restart(state, tmp_path):
+    settings, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    assert users.apply([event("e1", "a"), event("e1", "a")]) == 1
+    assert users.apply([event("e1", "a")]) == 0
+    v1 = users.load(["u"])["u"].vectors["text.t"].copy()
+    # A fresh process: empty cache, state read back from Qdrant.
+    again = Users(client, settings, catalog)
+    assert again.apply([event("e1", "a")]) == 0
+    np.testing.assert_allclose(again.load(["u"])["u"].vectors["text.t"], v1)
+    assert catalog.lookup(["a"])["a"].popularity == 1.0
+
+
+def test_events_fold_into_the_modalities_items_have(state):
+    _, _, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0], [0, 1])
+    add_item(catalog, "b", [0, 0, 1])
+    users.apply([event("e1", "a"), event("e2", "b", "dislike", t=101.0)])
+    p = users.load(["u"])["u"]
+    assert p.vectors["text.t"][0] > 0 > p.vectors["text.t"][2]
+    assert p.vectors["image.i"][1] > 0
+    assert p.seen == ["a", "b"]
+
+
+def test_events_for_missing_items_are_held_until_the_item_arrives(state):
+    settings, client, catalog, users = state
+    users.apply([event("e1", "later")])
+    p = users.load(["u"])["u"]
+    assert p.vectors == {} and len(p.pending) == 1 and "later" in p.seen
+    assert users.retry_pending() == []
+    add_item(catalog, "later", [0, 1, 0])
+    # A restarted worker finds the held event in the store and applies it.
+    restarted = Users(client, settings, catalog)
+    restarted.recover_holding()
+    assert restarted.retry_pending() == []
+    p = restarted.load(["u"])["u"]
+    assert p.pending == [] and p.vectors["text.t"][1] > 0
+    assert restarted.holding == set()
+
+
+def test_held_events_expire_to_the_caller(state):
+    _, _, _, users = state
+    users.apply([event("e1", "never")])
+    expired = users.retry_pending(now=1e12)
+    assert [e.event_id for e in expired] == ["e1"]
+    assert users.load(["u"])["u"].pending == []
