@@ -24,21 +24,28 @@ class RunningRanker:
     server: grpc.aio.Server
     port: int  # the bound port: the one asked for, or the one the OS chose for port 0
     health: health.aio.HealthServicer
-    executor: Executor | None
+    executor: Executor | None  # ours to shut down on stop
 
 
 async def start_server(
-    settings: Settings, client: QdrantClient, *, port: int | None = None
+    settings: Settings,
+    client: QdrantClient,
+    *,
+    port: int | None = None,
+    executor: Executor | None = None,
 ) -> RunningRanker:
     """Serve on settings.ranker.host and `port` (default settings.ranker.port; 0 picks one).
 
     Call from the event loop that should run the server (e.g. a mode.Service's on_start).
+    Store calls run on `executor` when one is given (the caller owns it; in local mode it must
+    be the one thread every user of the shared client goes through); otherwise on a pool of
+    our own against a Qdrant server, and inline on the loop in local mode.
     """
-    executor = (
-        ThreadPoolExecutor(SERVER_MODE_THREADS, thread_name_prefix="ranker-store")
-        if settings.qdrant.url
-        else None
-    )
+    owned = None
+    if executor is None and settings.qdrant.url:
+        executor = owned = ThreadPoolExecutor(
+            SERVER_MODE_THREADS, thread_name_prefix="ranker-store"
+        )
     server = grpc.aio.server()
     ranker_pb2_grpc.add_RankerServicer_to_server(
         RankerServicer(settings, client, executor=executor), server
@@ -59,7 +66,7 @@ async def start_server(
     await server.start()
     for service in ("", RANKER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningRanker(server, bound, health_servicer, executor)
+    return RunningRanker(server, bound, health_servicer, owned)
 
 
 async def stop_server(ranker: RunningRanker, grace: float) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -103,11 +104,15 @@ def _fill(client: QdrantClient, settings: Settings) -> None:
 class BackgroundServer:
     """A ranker on its own event loop in a daemon thread."""
 
-    def __init__(self, settings: Settings, client: QdrantClient) -> None:
+    def __init__(
+        self, settings: Settings, client: QdrantClient, executor: Executor | None = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.ranker: RunningRanker = self._run(start_server(settings, client, port=0))
+        self.ranker: RunningRanker = self._run(
+            start_server(settings, client, port=0, executor=executor)
+        )
 
     def _run(self, coro):  # type: ignore[no-untyped-def]
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
@@ -119,14 +124,18 @@ class BackgroundServer:
         self.loop.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+@pytest.fixture(scope="module", params=["inline", "one-thread executor"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundServer]:
+    """Local mode both ways: store calls on the loop, or on one thread the caller owns."""
     settings = _settings(tmp_path_factory.mktemp("ranker"))
     store = QdrantClient(":memory:")
     _fill(store, settings)
-    running = BackgroundServer(settings, store)
-    yield running
-    running.close()
+    with ThreadPoolExecutor(1) as executor:
+        running = BackgroundServer(settings, store, executor if request.param != "inline" else None)
+        yield running
+        running.close()
     store.close()
 
 
