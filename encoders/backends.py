@@ -17,6 +17,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_batch(device: str, batch_size: int, cpu_best: int) -> int:
+    """Chunk size for a model: on CPU big batches overflow the caches and run slower (MobileNet
+    on 2 cores: 170 images/s in chunks of 8, 110/s in chunks of 32), so cap them there."""
+    return batch_size if device.startswith("cuda") else min(batch_size, cpu_best)
+
+
 def set_torch_threads(threads: int) -> None:
     """Fix torch's thread pools: on 2 cores oversubscription made torch 5x slower."""
     torch.set_num_threads(max(1, threads))

@@ -93,15 +93,14 @@ class ModelEncoder(Encoder):
         """Turn the backend's outputs for one chunk into (n, dim) vectors."""
         return l2_normalise(outputs)
 
-    def order(self, prepared: Sequence[Any]) -> list[int]:
-        """The order items are chunked in; text sorts by length so chunks pad little."""
-        return list(range(len(prepared)))
+    def chunks(self, prepared: Sequence[Any]) -> list[list[int]]:
+        """Which items run through the backend together; text groups by length."""
+        n = len(prepared)
+        return [list(range(s, min(s + self.batch_size, n))) for s in range(0, n, self.batch_size)]
 
     def encode(self, prepared: Sequence[Any]) -> np.ndarray:
         out = np.empty((len(prepared), self.dim), dtype=np.float32)
-        order = self.order(prepared)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in self.chunks(prepared):
             chunk = [prepared[i] for i in idx]
             out[idx] = self.finish(self.backend.run(self.collate(chunk)), chunk)
         return out

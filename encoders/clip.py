@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders.backends import TorchBackend
+from encoders.backends import TorchBackend, cpu_batch
 from encoders.image import ImageEncoder
 from encoders.text import TextEncoder, model_slug
 
@@ -78,7 +78,7 @@ def build_open_clip(
         dim,
         transform,
         TorchBackend(ImageTower(model), ("pixels",), device),
-        batch_size,
+        cpu_batch(device, batch_size, 8),
         max_pixels,
         draft_size=int(side),
     )

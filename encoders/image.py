@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from encoders.backends import TorchBackend
+from encoders.backends import TorchBackend, cpu_batch
 from encoders.base import Backend, EncodeError, ModelEncoder
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -131,7 +131,6 @@ class PooledFeatures(torch.nn.Module):
         self.register_buffer("std", torch.tensor(255.0 * IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # NHWC permuted to NCHW is a channels_last tensor: torch's fast CPU conv layout.
         x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
         return self.features(x).mean(dim=(2, 3))
 
@@ -143,6 +142,6 @@ def build_mobilenet_encoder(device: str, batch_size: int, max_pixels: int) -> Im
     model = mobilenet_v2(weights=None)
     weights = f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    module = PooledFeatures(model.features).to(memory_format=torch.channels_last)
-    backend = TorchBackend(module, ("pixels",), device)
-    return ImageEncoder("mobilenet-v2", 1280, imagenet_transform(), backend, batch_size, max_pixels)
+    backend = TorchBackend(PooledFeatures(model.features), ("pixels",), device)
+    chunk = cpu_batch(device, batch_size, 8)
+    return ImageEncoder("mobilenet-v2", 1280, imagenet_transform(), backend, chunk, max_pixels)

