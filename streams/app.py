@@ -119,7 +119,6 @@ def create_app(
         async for batch in stream.take_events(w.batch_size, within=w.batch_within_s):
             users.apply([e for _, e in await decoded(batch, decode_event)])
 
-    @app.timer(settings.profiles.pending_retry_s)
     async def hand_over_held() -> None:
         """Apply events that arrived before their item; dead-letter those held too long."""
         for e in users.retry_pending():
@@ -131,8 +130,14 @@ def create_app(
                 e.model_dump_json().encode(),
             )
 
+    # Registered, not decorated: the decorated timer is an endless loop, and the onboarding agent
+    # calls the plain function once per batch so held events follow their item at once.
+    app.timer(settings.profiles.pending_retry_s)(hand_over_held)
+
     @app.task
     async def on_start() -> None:
+        # Created up front: a first send that has to auto-create the topic stalled on Tansu.
+        await dead_letters.maybe_declare()
         users.recover_holding()
         if k.embedded:
             await _shorten_fetch_wait(app)

@@ -1,0 +1,151 @@
+"""End to end through the real broker, real encoders, real Qdrant local mode and real gRPC."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer
+
+from tests.conftest import MAX_MESSAGE_BYTES, Stack
+
+pytestmark = pytest.mark.integration
+
+THEMES = ("forest", "city", "snow")
+# Every catalog item reads the same: only the image tells them apart.
+NEUTRAL = {"title": "Item", "description": "An item in the catalog."}
+
+
+def publish(stack: Stack, kind: str, docs: list[dict]) -> None:
+    assert not [r for r in stack.publisher.publish(kind, docs) if r]
+
+
+def likes(user: str, item_ids: list[str], kind: str = "like") -> list[dict]:
+    now = time.time()
+    return [
+        {
+            "event_id": str(uuid.uuid4()),
+            "user_id": user,
+            "item_id": i,
+            "type": kind,
+            "timestamp": now + k,
+        }
+        for k, i in enumerate(item_ids)
+    ]
+
+
+def wait_profile(stack: Stack, user: str) -> None:
+    stack.wait(f"{user}'s profile", lambda: not stack.client.recommend(user, 1).cold_start)
+
+
+@pytest.fixture(scope="module")
+def catalog(stack: Stack) -> list[dict]:
+    items = [stack.item(t, f"p-{t}-{k}", **NEUTRAL) for t in THEMES for k in range(6)]
+    publish(stack, "items", items)
+    stack.wait("the catalog", lambda: all(stack.known(i["id"]) for i in items), timeout=120)
+    return items
+
+
+def test_likes_of_image_similar_items_raise_image_similar_items(stack: Stack, catalog):
+    user = "forest-fan"
+    publish(stack, "events", likes(user, ["p-forest-0", "p-forest-1", "p-forest-2"]))
+    wait_profile(stack, user)
+    ranking = stack.client.recommend(user, 18)
+    ids = [i.item_id for i in ranking.items]
+    assert not {"p-forest-0", "p-forest-1", "p-forest-2"} & set(ids), "seen items are excluded"
+    assert all(i.startswith("p-forest") for i in ids[:3]), ids
+    top = ranking.items[0]
+    assert "image" in top.contributions and "text" in top.contributions
+
+
+def test_dislikes_push_items_down(stack: Stack, catalog):
+    user = "city-hater"
+    publish(stack, "events", likes(user, ["p-city-0", "p-city-1"], kind="dislike"))
+    wait_profile(stack, user)
+    ids = [i.item_id for i in stack.client.recommend(user, 18).items]
+    city = [ids.index(i) for i in ids if i.startswith("p-city")]
+    assert min(city) >= len(ids) - len(city) - 2, ids
+
+
+def test_new_user_gets_popular_and_fresh(stack: Stack, catalog):
+    ranking = stack.client.recommend(f"new-{uuid.uuid4()}", 5)
+    assert ranking.cold_start and len(ranking.items) == 5
+
+
+def test_item_from_an_outside_producer_becomes_recommendable(stack: Stack, catalog, kcat):
+    user = "snow-fan"
+    publish(stack, "events", likes(user, ["p-snow-0", "p-snow-1", "p-snow-2"]))
+    wait_profile(stack, user)
+    item = stack.item("snow", "kcat-snow", **NEUTRAL)
+    line = f"{item['id']}\t{json.dumps(item)}\n"
+    subprocess.run(
+        [*kcat, "-P", "-b", stack.bootstrap, "-t", "items", "-K", "\t"],
+        input=line.encode(),
+        check=True,
+        timeout=30,
+    )
+    stack.wait(
+        "kcat-snow in snow-fan's top 5",
+        lambda: "kcat-snow" in [i.item_id for i in stack.client.recommend(user, 5).items],
+    )
+
+
+def test_an_event_before_its_item_is_held_then_applied(stack: Stack, catalog):
+    user = "early-bird"
+    publish(stack, "events", likes(user, ["late-forest"]))
+    publish(stack, "items", [stack.item("forest", "late-forest", **NEUTRAL)])
+    wait_profile(stack, user)
+    ids = [i.item_id for i in stack.client.recommend(user, 3).items]
+    assert "late-forest" not in ids and all(i.startswith("p-forest") for i in ids), ids
+
+
+def dead_letters(stack: Stack, want: int, timeout: float = 60.0) -> list[dict]:
+    consumer = KafkaConsumer(
+        stack.settings.kafka.dead_letters_topic,
+        bootstrap_servers=stack.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += [json.loads(m.value) for m in consumer]
+    consumer.close()
+    return got
+
+
+def test_bad_messages_land_in_dead_letters_and_good_ones_keep_flowing(stack: Stack, catalog):
+    (stack.media / "liar.png").write_bytes(b"this is not a PNG")
+    bad = {
+        b"{not json": "invalid JSON",
+        json.dumps({"id": 5}).encode(): "id: Input should be a valid string",
+        json.dumps({"id": "liar", "image": "liar.png"}).encode(): "encode failed: image",
+        json.dumps(
+            {"id": "huge", "description": "x" * MAX_MESSAGE_BYTES}
+        ).encode(): "exceeds max_message_bytes",
+        json.dumps({"id": "escape", "image": "../../etc/passwd"}).encode(): "encode failed: image",
+    }
+    for value in bad:
+        stack.publisher.send_raw("items", b"k", value)
+    publish(stack, "items", [stack.item("city", "after-bad", **NEUTRAL)])
+    stack.wait("the good item after the bad ones", lambda: stack.known("after-bad"))
+    letters = dead_letters(stack, len(bad))
+    for value, reason in bad.items():
+        match = [d for d in letters if base64.b64decode(d["value_base64"]) == value[: 512 * 1024]]
+        assert match, f"no dead letter for {value[:40]!r}"
+        assert reason in match[0]["reason"], match[0]["reason"]
+        assert match[0]["source"]["topic"] == "items" and match[0]["value_size"] == len(value)
+    assert not stack.known("liar") and not stack.known("huge")
+
+
+def test_replaying_items_leaves_one_point_per_item(stack: Stack, catalog):
+    publish(stack, "items", catalog)
+    publish(stack, "items", [stack.item("snow", "replay-marker", **NEUTRAL)])
+    stack.wait("the replay to pass", lambda: stack.known("replay-marker"))
+    ids = [i.item_id for i in stack.client.recommend(f"new-{uuid.uuid4()}", 200).items]
+    assert len(ids) == len(set(ids))
+    assert {i["id"] for i in catalog} <= set(ids)
