@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,12 @@ from pydantic_settings import (
 MODALITIES = ("text", "image", "audio")
 
 
-class KafkaSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt setting is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
     # None means the embedded Tansu broker (started by `fusionrec up` on embedded_port);
     # a real cluster is "host:port[,host:port]".
     bootstrap: str | None = None
@@ -40,7 +45,7 @@ class KafkaSettings(BaseModel):
     sasl_password: SecretStr | None = None
 
 
-class QdrantSettings(BaseModel):
+class QdrantSettings(_Section):
     # None means local mode on `<data_dir>/qdrant`.
     url: str | None = None
     api_key: SecretStr | None = None
@@ -48,7 +53,7 @@ class QdrantSettings(BaseModel):
     users_collection: str = "users"
 
 
-class EncoderSettings(BaseModel):
+class EncoderSettings(_Section):
     # Which modalities this deployment encodes; an item's other modalities are ignored.
     enabled: list[str] = Field(default_factory=lambda: ["text", "image", "audio"])
     # sentence-transformers name or local path; "minilm-l6-v2" is the packaged offline default.
@@ -65,7 +70,7 @@ class EncoderSettings(BaseModel):
     onnx_dir: Path | None = None
 
 
-class MediaSettings(BaseModel):
+class MediaSettings(_Section):
     # Item media given as file paths resolve under this folder and never outside it.
     root: Path = Path(".")
     fetch_remote: bool = False
@@ -79,7 +84,7 @@ class MediaSettings(BaseModel):
     max_audio_seconds: float = 600.0
 
 
-class ProfileSettings(BaseModel):
+class ProfileSettings(_Section):
     half_life_days: float = 30.0
     # Signed weight of each event type; negative types pull the profile away from the item.
     event_weights: dict[str, float] = Field(
@@ -103,7 +108,7 @@ class ProfileSettings(BaseModel):
     pending_retry_s: float = 1.0
 
 
-class RankerSettings(BaseModel):
+class RankerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 50051
     modality_weights: dict[str, float] = Field(
@@ -119,7 +124,7 @@ class RankerSettings(BaseModel):
     max_id_length: int = 256
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     batch_size: int = 32
     batch_within_s: float = 0.05
     encode_threads: int = 1
