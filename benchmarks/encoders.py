@@ -114,7 +114,10 @@ def worker(args: argparse.Namespace, modality: str, backend: str, n: int) -> dic
             "items_per_s": statistics.median(rates),
             "prep_share": statistics.median(shares) if shares else None,
         }
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+    status = Path("/proc/self/status").read_text()
+    hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), None)
+    rss_mib = int(hwm) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"figures": figures, "peak_rss_mib": rss_mib}
 
 
