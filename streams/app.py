@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -94,30 +94,49 @@ def create_app(
                 await reject(str(exc), m.topic, m.key, m.value, m.partition, m.offset)
         return good
 
+    async def guarded(batch: Sequence[faust.EventT], handle: Callable[..., Awaitable]) -> None:
+        """A batch that fails for a reason no message check foresaw goes to dead-letters whole,
+        with that reason, and the agent goes on: it never dies of one bad batch."""
+        try:
+            await handle(batch)
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            for m in (e.message for e in batch):
+                await reject(
+                    f"processing failed: {type(exc).__name__}: {exc}",
+                    m.topic,
+                    m.key,
+                    m.value,
+                    m.partition,
+                    m.offset,
+                )
+
+    async def onboard_batch(batch: Sequence[faust.EventT]) -> None:
+        latest = {r.id: (m, r) for m, r in await decoded(batch, decode_item)}
+        catalog.delete(i for i, (_, r) in latest.items() if r.op == "delete")
+        upserts = [(m, r) for m, r in latest.values() if r.op == "upsert"]
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(encode_pool, catalog.encode, [r for _, r in upserts])
+        ok = [(r, v) for (_, r), v in zip(upserts, results, strict=True) if isinstance(v, dict)]
+        catalog.upsert([r for r, _ in ok], [v for _, v in ok])
+        for (m, _), v in zip(upserts, results, strict=True):
+            if isinstance(v, EncodeError):
+                await reject(f"encode failed: {v}", m.topic, m.key, m.value, m.partition, m.offset)
+        if users.holding:
+            await hand_over_held()
+
+    async def fold_batch(batch: Sequence[faust.EventT]) -> None:
+        users.apply([e for _, e in await decoded(batch, decode_event)])
+
     @app.agent(items_topic)
     async def onboard(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(w.batch_size, within=w.batch_within_s):
-            latest = {r.id: (m, r) for m, r in await decoded(batch, decode_item)}
-            catalog.delete(i for i, (_, r) in latest.items() if r.op == "delete")
-            upserts = [(m, r) for m, r in latest.values() if r.op == "upsert"]
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(
-                encode_pool, catalog.encode, [r for _, r in upserts]
-            )
-            ok = [(r, v) for (_, r), v in zip(upserts, results, strict=True) if isinstance(v, dict)]
-            catalog.upsert([r for r, _ in ok], [v for _, v in ok])
-            for (m, _), v in zip(upserts, results, strict=True):
-                if isinstance(v, EncodeError):
-                    await reject(
-                        f"encode failed: {v}", m.topic, m.key, m.value, m.partition, m.offset
-                    )
-            if users.holding:
-                await hand_over_held()
+            await guarded(batch, onboard_batch)
 
     @app.agent(events_topic)
     async def fold_events(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(w.batch_size, within=w.batch_within_s):
-            users.apply([e for _, e in await decoded(batch, decode_event)])
+            await guarded(batch, fold_batch)
 
     async def hand_over_held() -> None:
         """Apply events that arrived before their item; dead-letter those held too long."""

@@ -54,7 +54,7 @@ def _epoch(value: Any) -> float:
 
 class _Record(BaseModel):
     # Unknown fields are refused: a typo must not silently drop data. New fields mean a new version.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
