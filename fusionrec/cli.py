@@ -118,10 +118,10 @@ def publish(
     refused = 0
     with Progress(console=console) as progress:
         task = progress.add_task(f"publishing {kind}", total=len(docs))
-        for i, reason in enumerate(publisher.publish(kind, docs), 1):  # type: ignore[arg-type]
+        for row, reason in publisher.publish(kind, docs):  # type: ignore[arg-type]
             if reason:
                 refused += 1
-                console.print(f"[red]row {i} refused[/red]: {reason}")
+                console.print(f"[red]row {row} refused[/red]: {reason}")
             progress.advance(task)
     publisher.close()
     console.print(f"published {len(docs) - refused} {kind}, refused {refused}")

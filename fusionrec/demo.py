@@ -276,8 +276,8 @@ def _show(
     console.print(f"stack serving after {t:.1f} s")
     settings = load_settings(kafka={"bootstrap": f"127.0.0.1:{broker_port}"})
     publisher = Publisher(settings)
-    refused = [r for r in publisher.publish("items", items) if r]
-    console.print(f"published {len(items) - len(refused)} items (text + image)")
+    publisher.publish_all("items", items)
+    console.print(f"published {len(items)} items (text + image)")
 
     def known(item_id: str) -> bool:
         try:
@@ -288,7 +288,7 @@ def _show(
 
     t = wait_for("encoding and onboarding the catalog", lambda: all(known(i["id"]) for i in items))
     console.print(f"catalog onboarded in {t:.1f} s")
-    list(publisher.publish("events", events))
+    publisher.publish_all("events", events)
     users = sorted({e["user_id"] for e in events})[:3]
     wait_for(
         "folding events into profiles",
@@ -304,7 +304,7 @@ def _show(
 
     console.rule("cold start: a brand-new item nobody has touched")
     start = time.monotonic()
-    list(publisher.publish("items", [newcomer]))
+    publisher.publish_all("items", [newcomer])
     found = lambda: any(i.item_id == newcomer["id"] for i in client.recommend(user, 10).items)  # noqa: E731
     try:
         t = wait_for(f"waiting for {newcomer['id']} in {user}'s top 10", found, timeout=30)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from fusionrec.settings import Settings
 from streams.records import EventRecord, ItemRecord, RecordError, decode_event, decode_item
@@ -75,18 +76,29 @@ class Publisher:
         k = self.settings.kafka
         return k.items_topic if kind == "items" else k.events_topic
 
-    def publish(self, kind: Kind, docs: Iterable[dict[str, Any]]) -> Iterator[str | None]:
-        """Send each valid record; yields None when sent, or the reason a record was refused."""
+    def publish(
+        self, kind: Kind, docs: Iterable[dict[str, Any]]
+    ) -> Iterator[tuple[int, str | None]]:
+        """Send each valid record. Yields (row number from 1, None) once the broker has it
+        (acks=all), or (row, reason) when it was refused: invalid, or the broker said no."""
         topic = self.topic(kind)
-        for doc in docs:
+        in_flight: list[tuple[int, Any]] = []
+        for row, doc in enumerate(docs, 1):
             try:
                 key, value = validate(kind, doc)
             except RecordError as exc:
-                yield str(exc)
+                yield row, str(exc)
                 continue
-            self.producer.send(topic, key=key, value=value)
-            yield None
-        self.producer.flush()
+            in_flight.append((row, self.producer.send(topic, key=key, value=value)))
+            if len(in_flight) >= 1000:
+                yield from _outcomes(in_flight)
+        yield from _outcomes(in_flight)
+
+    def publish_all(self, kind: Kind, docs: Iterable[dict[str, Any]]) -> None:
+        """Publish every record or raise RecordError naming the rows that were refused."""
+        refused = [f"row {row}: {why}" for row, why in self.publish(kind, docs) if why]
+        if refused:
+            raise RecordError(f"{len(refused)} {kind} refused: " + "; ".join(refused[:5]))
 
     def send_raw(self, kind: Kind, key: bytes | None, value: bytes) -> None:
         """Bytes as they are, unvalidated (tests and tools that probe the worker's edge)."""
@@ -94,3 +106,14 @@ class Publisher:
 
     def close(self) -> None:
         self.producer.close()
+
+
+def _outcomes(in_flight: list[tuple[int, Any]]) -> Iterator[tuple[int, str | None]]:
+    """Wait for sent records; the broker's error, if any, is the record's outcome."""
+    for row, future in in_flight:
+        try:
+            future.get(timeout=60)
+            yield row, None
+        except KafkaError as exc:
+            yield row, f"not published: {exc}"
+    in_flight.clear()

@@ -158,17 +158,25 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config = os.environ.get("FUSIONREC_CONFIG")
+        config = _config_file or os.environ.get("FUSIONREC_CONFIG")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
 
 
+# The file named by --config for the Settings being built (pydantic-settings sources take no
+# arguments); set only inside load_settings, so the process environment is never changed.
+_config_file: Path | None = None
+
+
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build settings; `overrides` are the flags (nested as dicts), highest precedence."""
-    if config is not None:
-        if not config.is_file():
-            raise FileNotFoundError(f"config file not found: {config}")
-        os.environ["FUSIONREC_CONFIG"] = str(config)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    global _config_file
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    _config_file = config
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _config_file = None

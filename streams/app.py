@@ -97,6 +97,11 @@ def create_app(
     async def guarded(batch: Sequence[faust.EventT], handle: Callable[..., Awaitable]) -> None:
         """A batch that fails for a reason no message check foresaw goes to dead-letters whole,
         with that reason, and the agent goes on: it never dies of one bad batch."""
+        log.debug(
+            "batch of %d: %s",
+            len(batch),
+            [(e.message.topic, e.message.partition, e.message.offset) for e in batch],
+        )
         try:
             await handle(batch)
         except Exception as exc:

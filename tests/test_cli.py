@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,9 @@ def test_settings_flags_beat_env_beat_file(tmp_path, monkeypatch):
     assert (s.ranker.port, s.ranker.max_limit, s.kafka.items_topic) == (2222, 7, "catalog")
     s = load_settings(config, ranker={"port": 3333})
     assert (s.ranker.port, s.ranker.max_limit) == (3333, 7)
+    assert "FUSIONREC_CONFIG" not in os.environ, "a --config must not leak into child processes"
+    monkeypatch.setenv("FUSIONREC_CONFIG", str(config))
+    assert load_settings().kafka.items_topic == "catalog"
 
 
 def test_unknown_settings_are_refused(tmp_path, monkeypatch):

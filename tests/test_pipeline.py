@@ -20,10 +20,6 @@ THEMES = ("forest", "city", "snow")
 NEUTRAL = {"title": "Item", "description": "An item in the catalog."}
 
 
-def publish(stack: Stack, kind: str, docs: list[dict]) -> None:
-    assert not [r for r in stack.publisher.publish(kind, docs) if r]
-
-
 def likes(user: str, item_ids: list[str], kind: str = "like") -> list[dict]:
     now = time.time()
     return [
@@ -45,14 +41,14 @@ def wait_profile(stack: Stack, user: str) -> None:
 @pytest.fixture(scope="module")
 def catalog(stack: Stack) -> list[dict]:
     items = [stack.item(t, f"p-{t}-{k}", **NEUTRAL) for t in THEMES for k in range(6)]
-    publish(stack, "items", items)
+    stack.publisher.publish_all("items", items)
     stack.wait("the catalog", lambda: all(stack.known(i["id"]) for i in items), timeout=120)
     return items
 
 
 def test_likes_of_image_similar_items_raise_image_similar_items(stack: Stack, catalog):
     user = "forest-fan"
-    publish(stack, "events", likes(user, ["p-forest-0", "p-forest-1", "p-forest-2"]))
+    stack.publisher.publish_all("events", likes(user, ["p-forest-0", "p-forest-1", "p-forest-2"]))
     wait_profile(stack, user)
     ranking = stack.client.recommend(user, 18)
     ids = [i.item_id for i in ranking.items]
@@ -64,7 +60,7 @@ def test_likes_of_image_similar_items_raise_image_similar_items(stack: Stack, ca
 
 def test_dislikes_push_items_down(stack: Stack, catalog):
     user = "city-hater"
-    publish(stack, "events", likes(user, ["p-city-0", "p-city-1"], kind="dislike"))
+    stack.publisher.publish_all("events", likes(user, ["p-city-0", "p-city-1"], kind="dislike"))
     wait_profile(stack, user)
     ids = [i.item_id for i in stack.client.recommend(user, 18).items]
     city = [ids.index(i) for i in ids if i.startswith("p-city")]
@@ -78,7 +74,7 @@ def test_new_user_gets_popular_and_fresh(stack: Stack, catalog):
 
 def test_item_from_an_outside_producer_becomes_recommendable(stack: Stack, catalog, kcat):
     user = "snow-fan"
-    publish(stack, "events", likes(user, ["p-snow-0", "p-snow-1", "p-snow-2"]))
+    stack.publisher.publish_all("events", likes(user, ["p-snow-0", "p-snow-1", "p-snow-2"]))
     wait_profile(stack, user)
     item = stack.item("snow", "kcat-snow", **NEUTRAL)
     line = f"{item['id']}\t{json.dumps(item)}\n"
@@ -96,8 +92,8 @@ def test_item_from_an_outside_producer_becomes_recommendable(stack: Stack, catal
 
 def test_an_event_before_its_item_is_held_then_applied(stack: Stack, catalog):
     user = "early-bird"
-    publish(stack, "events", likes(user, ["late-forest"]))
-    publish(stack, "items", [stack.item("forest", "late-forest", **NEUTRAL)])
+    stack.publisher.publish_all("events", likes(user, ["late-forest"]))
+    stack.publisher.publish_all("items", [stack.item("forest", "late-forest", **NEUTRAL)])
     wait_profile(stack, user)
     ids = [i.item_id for i in stack.client.recommend(user, 3).items]
     assert "late-forest" not in ids and all(i.startswith("p-forest") for i in ids), ids
@@ -131,7 +127,7 @@ def test_bad_messages_land_in_dead_letters_and_good_ones_keep_flowing(stack: Sta
     }
     for value in bad:
         stack.publisher.send_raw("items", b"k", value)
-    publish(stack, "items", [stack.item("city", "after-bad", **NEUTRAL)])
+    stack.publisher.publish_all("items", [stack.item("city", "after-bad", **NEUTRAL)])
     stack.wait("the good item after the bad ones", lambda: stack.known("after-bad"))
     letters = dead_letters(stack, len(bad))
     for value, reason in bad.items():
@@ -143,8 +139,8 @@ def test_bad_messages_land_in_dead_letters_and_good_ones_keep_flowing(stack: Sta
 
 
 def test_replaying_items_leaves_one_point_per_item(stack: Stack, catalog):
-    publish(stack, "items", catalog)
-    publish(stack, "items", [stack.item("snow", "replay-marker", **NEUTRAL)])
+    stack.publisher.publish_all("items", catalog)
+    stack.publisher.publish_all("items", [stack.item("snow", "replay-marker", **NEUTRAL)])
     stack.wait("the replay to pass", lambda: stack.known("replay-marker"))
     ids = [i.item_id for i in stack.client.recommend(f"new-{uuid.uuid4()}", 200).items]
     assert len(ids) == len(set(ids))

@@ -60,8 +60,8 @@ def test_delete_is_a_message_on_the_same_topic():
         (enc({"id": "x", "image": {"path": "a", "url": "https://b"}}), "exactly one of"),
         (enc({"id": "x", "image": {"data": "@@@"}}), "not valid base64"),
         (enc({"id": "x", "schema_version": 2}), "schema_version"),
-    (b'{"id": "x", "created_at": NaN}', "created_at: Input should be a finite number"),
-    (b'{"id": "x", "attributes": {"w": Infinity}}', "attributes.w"),
+        (b'{"id": "x", "created_at": NaN}', "created_at: Input should be a finite number"),
+        (b'{"id": "x", "attributes": {"w": Infinity}}', "attributes.w"),
     ],
 )
 def test_bad_items_get_clear_reasons(raw, reason):
