@@ -31,6 +31,18 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL to the process group of a child started with start_new_session."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class EmbeddedBroker:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -71,14 +83,8 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            terminate(proc, timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -7,10 +7,6 @@ demo needs nothing it may not redistribute; `--data` points it at a MovieLens-st
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -22,8 +18,8 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fusionrec.broker import free_port
 from fusionrec.cli import console, print_ranking
+from fusionrec.launcher import ChildStack, spawn_stack
 from fusionrec.publisher import Publisher
 from fusionrec.settings import load_settings
 from serving.client import RankerClient
@@ -220,65 +216,36 @@ def run_demo(data: Path | None = None) -> None:
             events = demo_events(items)
         else:
             items, events, newcomer, user = movielens_catalog(data)
-        broker_port, grpc_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "FUSIONREC_KAFKA__EMBEDDED_PORT": str(broker_port),
-            "FUSIONREC_MEDIA__ROOT": str(media),
-            "FUSIONREC_LOG_LEVEL": "WARNING",
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "fusionrec",
-            "up",
-            "--data-dir",
-            str(root / "state"),
-            "--port",
-            str(grpc_port),
-        ]
         console.rule("fusionrec demo: embedded stack")
-        console.print(f"$ fusionrec up  (broker 127.0.0.1:{broker_port}, ranker :{grpc_port})")
-        log = root / "stack.log"
-        with log.open("wb") as out:
-            stack = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        stack = spawn_stack(root, {"FUSIONREC_MEDIA__ROOT": str(media)})
+        console.print(f"$ fusionrec up  (broker {stack.bootstrap}, ranker {stack.target})")
         try:
             # The drawn catalog is small and clear-cut; a real one ranks among hundreds.
             top = 10 if data is None else 200
-            _show(stack, grpc_port, broker_port, items, events, newcomer, user, top)
+            _show(stack, items, events, newcomer, user, top)
         except BaseException:
             console.print(
-                f"[red]the demo failed; the stack's last log lines:[/red]\n"
-                f"{log.read_text(errors='replace')[-4000:]}"
+                f"[red]the demo failed; the stack's last log lines:[/red]\n{stack.log_tail()}"
             )
             raise
         finally:
-            stack.send_signal(signal.SIGTERM)
-            try:
-                stack.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(stack.pid, signal.SIGKILL)
-                stack.wait()
+            stack.stop(30)
             console.print("stack stopped; nothing left running")
 
 
 def _show(
-    stack: subprocess.Popen,
-    grpc_port: int,
-    broker_port: int,
+    stack: ChildStack,
     items: list[dict],
     events: list[dict],
     newcomer: dict,
     user: str,
     top: int,
 ) -> None:
-    client = RankerClient(f"127.0.0.1:{grpc_port}", timeout=10)
+    client = RankerClient(stack.target, timeout=10)
 
     def serving() -> bool:
-        if stack.poll() is not None:
-            raise RuntimeError(f"the stack exited with code {stack.returncode}")
+        if stack.process.poll() is not None:
+            raise RuntimeError(f"the stack exited with code {stack.process.returncode}")
         try:
             return client.health() == "SERVING"
         except grpc.RpcError:
@@ -286,7 +253,7 @@ def _show(
 
     t = wait_for("starting broker, loading encoders, joining the consumer group", serving)
     console.print(f"stack serving after {t:.1f} s")
-    settings = load_settings(kafka={"bootstrap": f"127.0.0.1:{broker_port}"})
+    settings = load_settings(kafka={"bootstrap": stack.bootstrap})
     publisher = Publisher(settings)
     publisher.publish_all("items", items)
     console.print(f"published {len(items)} items (text + image)")

@@ -3,11 +3,8 @@ subprocess, Qdrant local mode, Faust worker, gRPC ranker), started once per sess
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fusionrec.broker import free_port
 from fusionrec.demo import make_item
+from fusionrec.launcher import spawn_stack
 from fusionrec.publisher import Publisher
 from fusionrec.settings import Settings, load_settings
 from serving.client import RankerClient
@@ -87,35 +84,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     media = root / "media"
     media.mkdir()
-    broker_port, grpc_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "FUSIONREC_KAFKA__EMBEDDED_PORT": str(broker_port),
-        "FUSIONREC_KAFKA__MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
-        "FUSIONREC_MEDIA__ROOT": str(media),
-        # Audio has its own tests; the pipeline tests need text and image.
-        "FUSIONREC_ENCODERS__ENABLED": '["text", "image"]',
-        "FUSIONREC_LOG_LEVEL": "WARNING",
-    }
-    log = (root / "stack.log").open("wb")
-    cmd = [
-        sys.executable,
-        "-m",
-        "fusionrec",
-        "up",
-        "--data-dir",
-        str(root / "state"),
-        "--port",
-        str(grpc_port),
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    child = spawn_stack(
+        root,
+        {
+            "FUSIONREC_KAFKA__MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
+            "FUSIONREC_MEDIA__ROOT": str(media),
+            # Audio has its own tests; the pipeline tests need text and image.
+            "FUSIONREC_ENCODERS__ENABLED": '["text", "image"]',
+        },
     )
-    target = f"127.0.0.1:{grpc_port}"
-    client = RankerClient(target, timeout=10)
-    bootstrap = f"127.0.0.1:{broker_port}"
-    settings = load_settings(kafka={"bootstrap": bootstrap, "max_message_bytes": MAX_MESSAGE_BYTES})
-    stack = Stack(proc, bootstrap, target, media, settings, client, None, np.random.default_rng(0))  # type: ignore[arg-type]
+    client = RankerClient(child.target, timeout=10)
+    settings = load_settings(
+        kafka={"bootstrap": child.bootstrap, "max_message_bytes": MAX_MESSAGE_BYTES}
+    )
+    stack = Stack(
+        child.process,
+        child.bootstrap,
+        child.target,
+        media,
+        settings,
+        client,
+        None,  # type: ignore[arg-type]
+        np.random.default_rng(0),
+    )
 
     def serving() -> bool:
         try:
@@ -131,11 +122,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         client.close()
         if stack.publisher is not None:
             stack.publisher.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        print((root / "stack.log").read_text()[-3000:])
+        child.stop()
+        print(child.log_tail(3000))
