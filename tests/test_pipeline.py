@@ -145,3 +145,18 @@ def test_replaying_items_leaves_one_point_per_item(stack: Stack, catalog):
     ids = [i.item_id for i in stack.client.recommend(f"new-{uuid.uuid4()}", 200).items]
     assert len(ids) == len(set(ids))
     assert {i["id"] for i in catalog} <= set(ids)
+
+
+def test_updates_and_deletes_are_messages_on_the_items_topic(stack: Stack, catalog):
+    item = stack.item("forest", "changing", **NEUTRAL)
+    stack.publisher.publish_all("items", [item])
+    stack.wait("the item", lambda: stack.known("changing"))
+    stack.publisher.publish_all("items", [{**item, "category": "renamed", "tags": ["moved"]}])
+
+    def moved() -> bool:
+        ranking = stack.client.recommend(f"new-{uuid.uuid4()}", 5, tags=["moved"])
+        return [i.item_id for i in ranking.items] == ["changing"]
+
+    stack.wait("the update", moved)
+    stack.publisher.publish_all("items", [{"id": "changing", "op": "delete"}])
+    stack.wait("the delete", lambda: not stack.known("changing"))
