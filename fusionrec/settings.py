@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,18 @@ MODALITIES = ("text", "image", "audio")
 class _Section(BaseModel):
     # A misspelt setting is an error, not a silent default.
     model_config = ConfigDict(extra="forbid")
+
+
+def _read_secret_files(section: BaseModel, *names: str) -> None:
+    """Fill each SecretStr `name` from `name_file` (a mounted secret), so secrets never need to
+    be flags or plain config; giving both is an error."""
+    for name in names:
+        path = getattr(section, f"{name}_file")
+        if path is None:
+            continue
+        if getattr(section, name) is not None:
+            raise ValueError(f"set {name} or {name}_file, not both")
+        setattr(section, name, SecretStr(Path(path).read_text().strip()))
 
 
 class KafkaSettings(_Section):
@@ -43,14 +55,30 @@ class KafkaSettings(_Section):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    # TLS to the brokers (security_protocol SSL or SASL_SSL), PEM files; no cafile = system roots.
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _secrets(self) -> KafkaSettings:
+        _read_secret_files(self, "sasl_password")
+        return self
 
 
 class QdrantSettings(_Section):
     # None means local mode on `<data_dir>/qdrant`.
     url: str | None = None
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None
     items_collection: str = "items"
     users_collection: str = "users"
+
+    @model_validator(mode="after")
+    def _secrets(self) -> QdrantSettings:
+        _read_secret_files(self, "api_key")
+        return self
 
 
 class EncoderSettings(_Section):
@@ -122,12 +150,56 @@ class RankerSettings(_Section):
     recency_half_life_days: float = 7.0
     max_limit: int = 200
     max_id_length: int = 256
+    # Ranker calls admitted at once (running or queued); more are refused with
+    # RESOURCE_EXHAUSTED at once. Health checks are not counted, so they stay answerable.
+    max_in_flight: int = 16
+    max_request_bytes: int = 64 * 1024
 
 
 class WorkerSettings(_Section):
     batch_size: int = 32
     batch_within_s: float = 0.05
     encode_threads: int = 1
+
+
+class SecuritySettings(_Section):
+    """gRPC transport security and caller authentication (both ends read this section).
+
+    Health checks need no token (probes and load balancers; they reveal only serving status);
+    every other call, reflection included, does when a token is set. A token travels only over
+    TLS. Secrets come from the environment or `*_file` settings, never flags.
+    """
+
+    # Server: its certificate chain and key (PEM); both set turns TLS on.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Server: clients must present a certificate signed by this CA (mTLS).
+    client_auth_ca_file: Path | None = None
+    # Server: the bearer token every non-health call must carry. Client: the token it sends.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # Client: use TLS, trusting ca_file (default: the system roots); ca_file alone implies TLS.
+    tls: bool = False
+    ca_file: Path | None = None
+    # Client: its own certificate and key for mTLS.
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SecuritySettings:
+        _read_secret_files(self, "token")
+        for a, b in (("cert_file", "key_file"), ("client_cert_file", "client_key_file")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ValueError(f"security.{a} and security.{b} go together")
+        if self.client_auth_ca_file and not self.cert_file:
+            raise ValueError("security.client_auth_ca_file needs the server's cert_file/key_file")
+        return self
+
+
+class MetricsSettings(_Section):
+    # Prometheus text format on http://host:port/metrics; None = no endpoint.
+    port: int | None = None
+    host: str = "127.0.0.1"
 
 
 class Settings(BaseSettings):
@@ -137,6 +209,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".fusionrec")
     log_level: str = "INFO"
+    # "json": one JSON object per log line (for log shippers); "text": human-readable.
+    log_format: Literal["text", "json"] = "text"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     encoders: EncoderSettings = Field(default_factory=EncoderSettings)
@@ -144,6 +218,8 @@ class Settings(BaseSettings):
     profiles: ProfileSettings = Field(default_factory=ProfileSettings)
     ranker: RankerSettings = Field(default_factory=RankerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @property
     def bootstrap(self) -> str:
