@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from faust.types import Message
 from qdrant_client import QdrantClient
 
 from encoders.base import EncodeError, Encoder
+from fusionrec import metrics
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
 from streams.deadletters import dead_letter
@@ -67,8 +69,11 @@ def create_app(
         value: bytes | None,
         partition: int | None = None,
         offset: int | None = None,
+        *,
+        kind: str,
     ) -> None:
         log.warning("dead-letter from %s[%s]@%s: %s", topic, partition, offset, reason)
+        metrics.DEAD_LETTERS.labels(kind).inc()
         await dead_letters.send(
             key=key,
             value=dead_letter(
@@ -83,15 +88,17 @@ def create_app(
         good = []
         for event in batch:
             m = event.message
+            kind = metrics.INVALID
             try:
                 if m.value is not None and len(m.value) > k.max_message_bytes:
+                    kind = metrics.TOO_LARGE
                     raise RecordError(
                         f"message of {len(m.value)} bytes exceeds max_message_bytes "
                         f"{k.max_message_bytes}"
                     )
                 good.append((m, decode(m.value)))
             except RecordError as exc:
-                await reject(str(exc), m.topic, m.key, m.value, m.partition, m.offset)
+                await reject(str(exc), m.topic, m.key, m.value, m.partition, m.offset, kind=kind)
         return good
 
     async def guarded(batch: Sequence[faust.EventT], handle: Callable[..., Awaitable]) -> None:
@@ -104,6 +111,7 @@ def create_app(
         )
         try:
             await handle(batch)
+            record_lag(batch)
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             for m in (e.message for e in batch):
@@ -114,24 +122,51 @@ def create_app(
                     m.value,
                     m.partition,
                     m.offset,
+                    kind=metrics.PROCESSING_FAILED,
                 )
+
+    def record_lag(batch: Sequence[faust.EventT]) -> None:
+        last: dict[Any, int] = {}
+        for m in (e.message for e in batch):
+            last[m.tp] = max(last.get(m.tp, -1), m.offset)
+        for tp, offset in last.items():
+            high = app.consumer.highwater(tp)
+            if high is not None:
+                # Clamped: Tansu reports end offsets too low (ENVIRONMENT.md).
+                lag = max(0, high - offset - 1)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def onboard_batch(batch: Sequence[faust.EventT]) -> None:
         latest = {r.id: (m, r) for m, r in await decoded(batch, decode_item)}
         catalog.delete(i for i, (_, r) in latest.items() if r.op == "delete")
         upserts = [(m, r) for m, r in latest.values() if r.op == "upsert"]
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(encode_pool, catalog.encode, [r for _, r in upserts])
+        with metrics.ENCODE_SECONDS.time():
+            results = await loop.run_in_executor(
+                encode_pool, catalog.encode, [r for _, r in upserts]
+            )
         ok = [(r, v) for (_, r), v in zip(upserts, results, strict=True) if isinstance(v, dict)]
         catalog.upsert([r for r, _ in ok], [v for _, v in ok])
+        metrics.ITEMS_ENCODED.inc(len(ok))
+        now = time.time()
+        for r, _ in ok:
+            metrics.FRESHNESS_SECONDS.observe(max(0.0, now - r.created_at))
         for (m, _), v in zip(upserts, results, strict=True):
             if isinstance(v, EncodeError):
-                await reject(f"encode failed: {v}", m.topic, m.key, m.value, m.partition, m.offset)
+                await reject(
+                    f"encode failed: {v}",
+                    m.topic,
+                    m.key,
+                    m.value,
+                    m.partition,
+                    m.offset,
+                    kind=metrics.ENCODE_FAILED,
+                )
         if users.holding:
             await hand_over_held()
 
     async def fold_batch(batch: Sequence[faust.EventT]) -> None:
-        users.apply([e for _, e in await decoded(batch, decode_event)])
+        metrics.EVENTS_ACCEPTED.inc(users.apply([e for _, e in await decoded(batch, decode_event)]))
 
     @app.agent(items_topic)
     async def onboard(stream: faust.StreamT) -> None:
@@ -152,6 +187,7 @@ def create_app(
                 k.events_topic,
                 e.user_id.encode(),
                 e.model_dump_json().encode(),
+                kind=metrics.HELD_TOO_LONG,
             )
 
     # Registered, not decorated: the decorated timer is an endless loop, and the onboarding agent
