@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fusionrec.settings import Settings
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 
 
@@ -33,11 +35,51 @@ class Ranking:
 
 
 class RankerClient:
-    def __init__(self, target: str, *, timeout: float = 5.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    """Plaintext by default; TLS when `tls` or any certificate is given (root_certificates
+    None = the system roots); `certificate_chain` + `private_key` for mTLS; `token` is sent as
+    a bearer token, over TLS only."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 5.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+    ) -> None:
+        if tls or root_certificates or certificate_chain:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key, certificate_chain
+            )
+            if token:
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(token)
+                )
+            self._channel = grpc.secure_channel(target, credentials)
+        elif token:
+            raise ValueError("a bearer token is sent over TLS only")
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = ranker_pb2_grpc.RankerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, timeout: float = 5.0) -> RankerClient:
+        """A client for settings.ranker's host and port with settings.security's client side."""
+        r, s = settings.ranker, settings.security
+        return cls(
+            f"{r.host}:{r.port}",
+            timeout=timeout,
+            tls=s.tls,
+            root_certificates=_read(s.ca_file),
+            certificate_chain=_read(s.client_cert_file),
+            private_key=_read(s.client_key_file),
+            token=s.token.get_secret_value() if s.token else None,
+        )
 
     def recommend(
         self,
@@ -102,6 +144,10 @@ class RankerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
 
 
 def _filter(

@@ -1,0 +1,128 @@
+"""What every gRPC call passes before it reaches a servicer: the bearer token, admission (load
+shedding) and the call metrics.
+
+Admission is ours, not grpc's `maximum_concurrent_rpcs`: that cap counts every RPC, so under
+overload it refuses health checks too. Here only Ranker calls count against
+`ranker.max_in_flight`; health checks (and reflection) pass beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from fusionrec import metrics
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Token check for every service but health; admission and metrics for `limited`.
+
+    A call counts as in flight from the moment it is admitted (before its request is read)
+    until its task ends, however it ends: queued calls count, so in local mode, where calls
+    run one after another on the loop, the cap bounds the queue and how long a health check
+    waits behind it.
+    """
+
+    def __init__(self, *, limited: str, max_in_flight: int, token: str | None = None) -> None:
+        self._limited = limited
+        self._max_in_flight = max_in_flight
+        self._token = f"Bearer {token}".encode() if token else None
+        self.in_flight = 0
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        _, service, method = details.method.split("/", 2)
+        if handler is None or service == HEALTH_SERVICE:
+            return handler
+        if self._token is not None and not self._authorized(details.invocation_metadata):
+            log.debug("refused a call to %s without a valid bearer token", details.method)
+            return _refusal(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is needed"
+            )
+        if service != self._limited:
+            return handler
+        if self.in_flight >= self._max_in_flight:
+            metrics.RANKER_CALLS.labels(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            return _refusal(
+                handler,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the ranker is at its limit of {self._max_in_flight} calls in flight; retry later",
+            )
+        self._admit()
+        return grpc.unary_unary_rpc_method_handler(
+            _observed(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _authorized(self, metadata: Any) -> bool:
+        assert self._token is not None
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._token)
+        return False
+
+    def _admit(self) -> None:
+        # Interceptors run in the call's own task: its end releases the slot whatever happens
+        # (a client that cancels before its request is read included).
+        self.in_flight += 1
+        metrics.RANKER_IN_FLIGHT.set(self.in_flight)
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(self._release)
+
+    def _release(self, _task: asyncio.Task[Any]) -> None:
+        self.in_flight -= 1
+        metrics.RANKER_IN_FLIGHT.set(self.in_flight)
+
+
+def _observed(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            return await behavior(request, context)
+        finally:
+            metrics.RANK_SECONDS.labels(method).observe(time.perf_counter() - start)
+            code = context.code() or grpc.StatusCode.OK
+            metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()
+
+    return call
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` (its request still has to be read) that ends
+    the call with `code` and never reaches the servicer."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    make = next(make for behavior, make in kinds if behavior is not None)
+    return make(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
