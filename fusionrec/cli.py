@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fusionrec.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from serving.client import RankerClient
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -28,6 +31,14 @@ QdrantUrl = Annotated[
 Host = Annotated[str | None, typer.Option("--host", help="gRPC ranker host.")]
 Port = Annotated[int | None, typer.Option("--port", help="gRPC ranker port.")]
 LogLevel = Annotated[str | None, typer.Option("--log-level")]
+TlsCa = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="Talk TLS to the ranker, trusting this root certificate (PEM)."),
+]
+TokenFile = Annotated[
+    Path | None,
+    typer.Option("--token-file", help="File holding the ranker's bearer token (sent over TLS)."),
+]
 
 
 def _settings(
@@ -38,11 +49,13 @@ def _settings(
     host: str | None = None,
     port: int | None = None,
     log_level: str | None = None,
+    security: dict[str, Any] | None = None,
 ) -> Settings:
     nested: dict[str, dict[str, Any]] = {
         "kafka": {"bootstrap": kafka},
         "qdrant": {"url": qdrant_url},
         "ranker": {"host": host, "port": port},
+        "security": security or {},
     }
     flags = {k: {f: v for f, v in d.items() if v is not None} for k, d in nested.items()}
     try:
@@ -66,7 +79,7 @@ def up(
     """Embedded stack: broker (unless --kafka), Qdrant local mode, worker + ranker, one process."""
     from fusionrec.stack import up as run_up
 
-    run_up(_settings(config, data_dir, kafka, qdrant_url, host, port, log_level))
+    run_up(_observable(_settings(config, data_dir, kafka, qdrant_url, host, port, log_level)))
 
 
 @app.command()
@@ -98,7 +111,16 @@ def serve(
     """A gRPC ranker alone (distributed topology: stateless, behind a load balancer)."""
     from fusionrec.stack import serve as run_serve
 
-    run_serve(_settings(config, data_dir, None, qdrant_url, host, port, log_level))
+    run_serve(_observable(_settings(config, data_dir, None, qdrant_url, host, port, log_level)))
+
+
+def _observable(settings: Settings) -> Settings:
+    """Logs per log_format (secrets masked) and the metrics endpoint, before a role starts."""
+    from fusionrec import logs, metrics
+
+    logs.configure(settings)
+    metrics.serve(settings.metrics)
+    return settings
 
 
 @app.command()
@@ -141,9 +163,20 @@ def print_ranking(title: str, items: list[Any]) -> None:
     console.print(table)
 
 
-def _target(host: str | None, port: int | None, config: Path | None) -> str:
-    r = _settings(config, host=host, port=port).ranker
-    return f"{r.host}:{r.port}"
+def _client(
+    config: Path | None,
+    host: str | None,
+    port: int | None,
+    tls_ca: Path | None,
+    token_file: Path | None,
+) -> RankerClient:
+    from serving.client import RankerClient
+
+    security = {"ca_file": tls_ca, "token_file": token_file}
+    settings = _settings(
+        config, host=host, port=port, security={k: v for k, v in security.items() if v}
+    )
+    return RankerClient.from_settings(settings)
 
 
 @app.command()
@@ -155,11 +188,11 @@ def recommend(
     config: Config = None,
     host: Host = None,
     port: Port = None,
+    tls_ca: TlsCa = None,
+    token_file: TokenFile = None,
 ) -> None:
     """Ask the ranker what USER should see now."""
-    from serving.client import RankerClient
-
-    with RankerClient(_target(host, port, config)) as client:
+    with _client(config, host, port, tls_ca, token_file) as client:
         ranking = client.recommend(user, limit, categories=category or (), tags=tag or ())
     cold = " (no history yet: popular and fresh)" if ranking.cold_start else ""
     print_ranking(f"recommendations for {user}{cold}", ranking.items)
@@ -172,11 +205,11 @@ def similar(
     config: Config = None,
     host: Host = None,
     port: Port = None,
+    tls_ca: TlsCa = None,
+    token_file: TokenFile = None,
 ) -> None:
     """Items like ITEM, by late fusion over its modalities."""
-    from serving.client import RankerClient
-
-    with RankerClient(_target(host, port, config)) as client:
+    with _client(config, host, port, tls_ca, token_file) as client:
         ranking = client.similar(item, limit)
     print_ranking(f"items similar to {item}", ranking.items)
 

@@ -28,7 +28,8 @@ class _Section(BaseModel):
 
 def _read_secret_files(section: BaseModel, *names: str) -> None:
     """Fill each SecretStr `name` from `name_file` (a mounted secret), so secrets never need to
-    be flags or plain config; giving both is an error."""
+    be flags or plain config; giving both is an error. The file setting is cleared once read,
+    so the section validates again from its own dump."""
     for name in names:
         path = getattr(section, f"{name}_file")
         if path is None:
@@ -36,6 +37,7 @@ def _read_secret_files(section: BaseModel, *names: str) -> None:
         if getattr(section, name) is not None:
             raise ValueError(f"set {name} or {name}_file, not both")
         setattr(section, name, SecretStr(Path(path).read_text().strip()))
+        setattr(section, f"{name}_file", None)
 
 
 class KafkaSettings(_Section):
