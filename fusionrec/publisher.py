@@ -11,6 +11,7 @@ from typing import Any, Literal
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from fusionrec.kafka_auth import kafka_python_options
 from fusionrec.settings import Settings
 from streams.records import EventRecord, ItemRecord, RecordError, decode_event, decode_item
 
@@ -66,10 +67,7 @@ class Publisher:
             acks="all",
             linger_ms=5,
             max_request_size=2 * k.max_message_bytes,
-            security_protocol=k.security_protocol,
-            sasl_mechanism=k.sasl_mechanism,
-            sasl_plain_username=k.sasl_username,
-            sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None,
+            **kafka_python_options(k),
         )
 
     def topic(self, kind: Kind) -> str:

@@ -18,6 +18,7 @@ from qdrant_client import QdrantClient
 
 from encoders.base import EncodeError, Encoder
 from fusionrec import metrics
+from fusionrec.kafka_auth import faust_credentials
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
 from streams.deadletters import dead_letter
@@ -45,7 +46,7 @@ def create_app(
         consumer_max_fetch_size=2 * k.max_message_bytes,
         broker_session_timeout=8.0,
         broker_heartbeat_interval=1.0,
-        broker_credentials=_credentials(settings),
+        broker_credentials=faust_credentials(k),
     )
     raw = {
         "key_type": bytes,
@@ -216,14 +217,3 @@ async def _shorten_fetch_wait(app: faust.App, wait_ms: int = 5) -> None:
             return
         await asyncio.sleep(0.05)
     log.warning("consumer not started after 30 s: fetch wait left at Faust's default")
-
-
-def _credentials(settings: Settings) -> Any:
-    k = settings.kafka
-    if k.sasl_mechanism and k.sasl_username and k.sasl_password:
-        return faust.SASLCredentials(
-            username=k.sasl_username,
-            password=k.sasl_password.get_secret_value(),
-            mechanism=k.sasl_mechanism,
-        )
-    return None
