@@ -227,6 +227,54 @@ def demo(
     run_demo(data)
 
 
+@app.command("eval")
+def eval_(
+    data: Annotated[
+        Path,
+        typer.Option(
+            exists=True, file_okay=False, help="A MovieLens-style folder (items.csv, ratings.tsv)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, plots.")] = Path(
+        "eval-report"
+    ),
+    protocols: Annotated[str, typer.Option(help="Comma-separated, among A, B, C.")] = "A,B,C",
+    peers: Annotated[
+        str, typer.Option(help="Comma-separated peers: most-popular, bpr, vbpr, content.")
+    ] = "",
+    max_test_events: Annotated[
+        int | None, typer.Option(min=1, help="Protocol C: ask this many test positives (sample).")
+    ] = None,
+    limit_users: Annotated[int | None, typer.Option(min=1, help="Development subset.")] = None,
+    limit_items: Annotated[int | None, typer.Option(min=1, help="Development subset.")] = None,
+    seed: int = 0,
+    config: Config = None,
+) -> None:
+    """Replay a data set through the real path (topics, agents, ranker) and score the rankings."""
+    from fusionrec.evaluation import evaluate, last_line, table
+
+    wanted = [x.strip().upper() for x in protocols.split(",") if x.strip()]
+    if not wanted or set(wanted) - {"A", "B", "C"}:
+        raise typer.BadParameter("--protocols is a comma-separated list among A, B, C")
+    try:
+        doc = evaluate(
+            data,
+            out,
+            protocols=wanted,
+            peers=[x.strip() for x in peers.split(",") if x.strip()],
+            config=config,
+            max_test_events=max_test_events,
+            limit_users=limit_users,
+            limit_items=limit_items,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(table(doc["summary"]))
+    console.print(f"report: {out / 'report.md'}")
+    print(last_line(doc["summary"]))
+
+
 @app.command("export-encoders")
 def export_encoders(
     out: Annotated[Path, typer.Option(help="Folder for the ONNX models.")] = Path("models/onnx"),

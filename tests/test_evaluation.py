@@ -106,7 +106,7 @@ def _tiny_dataset(root: Path) -> Path:
     lines = ["item_id,title,genres,description,poster"]
     for i in range(30):
         theme = themes[i % 3]
-        draw(theme, rng, size=64).save(root / "posters" / f"{i + 1}.png")
+        draw(theme, rng).resize((64, 64)).save(root / "posters" / f"{i + 1}.png")
         text = THEMES[theme]["text"]
         lines.append(f'{i + 1},{theme} {i},{theme.title()},"A film of {text}.",posters/{i + 1}.png')
     (root / "items.csv").write_text("\n".join(lines) + "\n")
