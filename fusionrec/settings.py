@@ -147,6 +147,9 @@ class RankerSettings(_Section):
     candidates_per_modality: int = 100
     fresh_candidates: int = 50
     popular_candidates: int = 50
+    # How long the fresh and popular lists (the same for every user) are reused: a new item
+    # joins the fresh list at most this late (vector search finds it at once).
+    prior_cache_ttl_s: float = 0.5
     popularity_weight: float = 0.05
     recency_weight: float = 0.05
     recency_half_life_days: float = 7.0

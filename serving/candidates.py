@@ -4,11 +4,18 @@ Sources: the nearest items to each query vector (one request per modality), the 
 ("fresh") and the most popular ("popular"). Each request carries the same filter and returns
 payload and vectors, so fusion needs no second fetch. `OrderByQuery` serves fresh and popular in
 local mode and on a server alike (a server needs the range indexes `ensure_collections` makes).
+
+Two choices keep a request cheap on Qdrant local mode, which evaluates filters and orderings
+point by point in Python (a Recommend over 10k items took ~650 ms with them in every request):
+excluded ids (what the user has seen) are dropped here from an over-fetched answer rather than
+sent as a `HasId` filter, and the fresh and popular lists, the same for every user, are reused
+for a fraction of a second (`PriorCache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +60,6 @@ def build_filter(
     categories: Iterable[str] = (),
     tags: Iterable[str] = (),
     attributes: Mapping[str, str] | None = None,
-    exclude_point_ids: Iterable[str] = (),
 ) -> models.Filter | None:
     must: list[models.Condition] = []
     if categories := list(categories):
@@ -62,9 +68,7 @@ def build_filter(
         must.append(models.FieldCondition(key=TAGS, match=models.MatchAny(any=tags)))
     for key, value in (attributes or {}).items():
         must.append(_attribute_equals(key, value))
-    exclude = list(exclude_point_ids)
-    must_not = [models.HasIdCondition(has_id=exclude)] if exclude else None
-    return models.Filter(must=must or None, must_not=must_not) if must or must_not else None
+    return models.Filter(must=must) if must else None
 
 
 def _attribute_equals(key: str, value: str) -> models.Filter:
@@ -88,6 +92,31 @@ def _attribute_equals(key: str, value: str) -> models.Filter:
     return models.Filter(should=should)
 
 
+@dataclass
+class PriorCache:
+    """The fresh and popular lists per filter, reused for `ttl_s` seconds.
+
+    They do not depend on the user, and computing one is a scan of the whole collection in local
+    mode (~50 ms at 10k items). A new item joins the fresh list at most `ttl_s` late; vector
+    search finds it at once. Entries are replaced whole, so threads sharing a cache at worst
+    compute a list twice.
+    """
+
+    ttl_s: float
+    clock: Callable[[], float] = time.monotonic
+    _lists: dict[str, tuple[float, list[models.ScoredPoint]]] = field(default_factory=dict)
+
+    def get(self, key: str) -> list[models.ScoredPoint] | None:
+        hit = self._lists.get(key)
+        return hit[1] if hit is not None and self.clock() - hit[0] < self.ttl_s else None
+
+    def put(self, key: str, points: list[models.ScoredPoint]) -> None:
+        now = self.clock()
+        # Many distinct filters must not grow the cache without bound: expired entries go.
+        self._lists = {k: v for k, v in self._lists.items() if now - v[0] < self.ttl_s}
+        self._lists[key] = (now, points)
+
+
 def generate(
     client: QdrantClient,
     collection: str,
@@ -98,35 +127,73 @@ def generate(
     per_modality: int,
     fresh: int,
     popular: int,
+    exclude: Collection[str] = (),
+    priors: PriorCache | None = None,
 ) -> Candidates:
-    """Union of all sources, deduplicated, remembering which sources found each item."""
+    """Union of all sources, deduplicated, remembering which sources found each item.
+
+    `exclude` holds point ids no source may return. Up to `per_modality` of them are dropped from
+    answers over-fetched by their number (exact: at most that many can fall out); more go to the
+    store as a `HasId` filter, since over-fetching thousands of points would cost more.
+    """
     names = sorted(layout.vector_names.values())
-    labelled: list[tuple[str, models.QueryRequest]] = []
+    excluded = {str(i) for i in exclude}
+    over = len(excluded)
+    if over > per_modality:
+        query_filter, over, priors = _with_excluded(query_filter, excluded), 0, None
 
-    def add(label: str, query: Any, limit: int, using: str | None = None) -> None:
-        if limit > 0:
-            request = models.QueryRequest(
-                query=query,
-                using=using,
-                filter=query_filter,
-                limit=limit,
-                with_payload=True,
-                with_vector=names,
+    def request(query: Any, limit: int, using: str | None = None) -> models.QueryRequest:
+        return models.QueryRequest(
+            query=query,
+            using=using,
+            filter=query_filter,
+            limit=limit,
+            with_payload=True,
+            with_vector=names,
+        )
+
+    # (label, points kept, cache key, the request to send or the cached answer)
+    planned: list[tuple[str, int, str | None, models.QueryRequest | list[models.ScoredPoint]]]
+    planned = []
+    if per_modality > 0:
+        for modality, vector in queries.items():
+            query = request(
+                np.asarray(vector).tolist(), per_modality + over, layout.vector_names[modality]
             )
-            labelled.append((label, request))
+            planned.append((modality, per_modality, None, query))
+    for label, key, limit in ((FRESH, CREATED_AT, fresh), (POPULAR, POPULARITY, popular)):
+        if limit <= 0:
+            continue
+        order = models.OrderByQuery(
+            order_by=models.OrderBy(key=key, direction=models.Direction.DESC)
+        )
+        if priors is None:
+            planned.append((label, limit, None, request(order, limit + over)))
+            continue
+        # Shared by every caller, so over-fetched as far as any caller's exclusions reach.
+        fetch = limit + per_modality
+        cache_key = f"{label}:{fetch}:{query_filter.model_dump_json() if query_filter else ''}"
+        hit = priors.get(cache_key)
+        planned.append((label, limit, cache_key, request(order, fetch) if hit is None else hit))
+    asked = [r for *_, r in planned if isinstance(r, models.QueryRequest)]
+    answers = iter(client.query_batch_points(collection, requests=asked) if asked else ())
+    found = []
+    for label, limit, cache_key, source in planned:
+        if isinstance(source, models.QueryRequest):
+            points = next(answers).points
+            if priors is not None and cache_key is not None:
+                priors.put(cache_key, points)
+        else:
+            points = source
+        found.append((label, [p for p in points if str(p.id) not in excluded][:limit]))
+    return _merge(layout, found)
 
-    for modality, vector in queries.items():
-        add(modality, np.asarray(vector).tolist(), per_modality, layout.vector_names[modality])
-    newest = models.OrderBy(key=CREATED_AT, direction=models.Direction.DESC)
-    add(FRESH, models.OrderByQuery(order_by=newest), fresh)
-    most_popular = models.OrderBy(key=POPULARITY, direction=models.Direction.DESC)
-    add(POPULAR, models.OrderByQuery(order_by=most_popular), popular)
-    if not labelled:
-        return Candidates()
-    answers = client.query_batch_points(collection, requests=[r for _, r in labelled])
-    return _merge(
-        layout, [(label, a.points) for (label, _), a in zip(labelled, answers, strict=True)]
-    )
+
+def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> models.Filter:
+    not_these = [models.HasIdCondition(has_id=list(ids))]
+    if query_filter is None:
+        return models.Filter(must_not=not_these)
+    return query_filter.model_copy(update={"must_not": not_these})
 
 
 def _merge(layout: Layout, found: list[tuple[str, list[models.ScoredPoint]]]) -> Candidates:

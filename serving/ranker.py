@@ -20,7 +20,14 @@ from fusionrec.settings import MODALITIES, Settings
 from fusionrec.store import CATEGORY, CREATED_AT, POPULARITY, TAGS, item_point_id, user_point_id
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving import fusion
-from serving.candidates import Candidates, Layout, build_filter, generate, layout_of
+from serving.candidates import (
+    Candidates,
+    Layout,
+    PriorCache,
+    build_filter,
+    generate,
+    layout_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._clock = clock
         self._layout: Layout | None = None
         self._layout_read_at = -math.inf
+        self._priors = PriorCache(settings.ranker.prior_cache_ttl_s)
 
     @_rpc
     async def Recommend(
@@ -220,7 +228,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         with_priors: bool,
     ) -> Candidates:
         r = self._settings.ranker
-        query_filter = build_filter(f.categories, f.tags, dict(f.attributes), exclude)
+        query_filter = build_filter(f.categories, f.tags, dict(f.attributes))
         return await self._store(
             context,
             lambda: generate(
@@ -232,6 +240,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 per_modality=r.candidates_per_modality,
                 fresh=r.fresh_candidates if with_priors else 0,
                 popular=r.popular_candidates if with_priors else 0,
+                exclude=exclude,
+                priors=self._priors,
             ),
         )
 
