@@ -11,9 +11,14 @@ test positives for every model. Prints the table, then one JSON line (the last l
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from fusionrec.evaluation import PEERS, evaluate, last_line, table
+# Run as a script, this folder leads sys.path, and benchmarks/encoders.py would shadow the
+# encoders package: the repository root goes first instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from fusionrec.evaluation import PEERS, evaluate, last_line, table  # noqa: E402
 
 
 def main() -> None:
