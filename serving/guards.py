@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,22 +25,35 @@ log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
+# The window over which inline calls' share of the loop is measured.
+WINDOW_S = 1.0
+
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
 class Guard(grpc.aio.ServerInterceptor):
     """Token check for every service but health; admission and metrics for `limited`.
 
-    A call counts as in flight from the moment it is admitted (before its request is read)
-    until its task ends, however it ends: queued calls count, so in local mode, where calls
-    run one after another on the loop, the cap bounds the queue and how long a health check
-    waits behind it.
+    A call counts as in flight from the moment it is admitted until its task ends, however it
+    ends. When calls run inline (Qdrant local mode: on the loop, one after another) they never
+    overlap and the queue forms inside grpc, out of sight; there `loop_share` caps the time
+    they took of the last second instead, which also leaves the rest of the loop to the
+    stream worker that shares it.
     """
 
-    def __init__(self, *, limited: str, max_in_flight: int, token: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        limited: str,
+        max_in_flight: int,
+        token: str | None = None,
+        loop_share: float | None = None,
+    ) -> None:
         self._limited = limited
         self._max_in_flight = max_in_flight
         self._token = f"Bearer {token}".encode() if token else None
+        self._loop_share = loop_share
+        self._recent: deque[tuple[float, float]] = deque()  # (ended at, took), inline calls
         self.in_flight = 0
 
     async def intercept_service(
@@ -56,16 +70,13 @@ class Guard(grpc.aio.ServerInterceptor):
             )
         if service != self._limited:
             return handler
-        if self.in_flight >= self._max_in_flight:
+        full = self._full()
+        if full:
             metrics.RANKER_CALLS.labels(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            return _refusal(
-                handler,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the ranker is at its limit of {self._max_in_flight} calls in flight; retry later",
-            )
+            return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
         self._admit()
         return grpc.unary_unary_rpc_method_handler(
-            _observed(method, handler.unary_unary),
+            self._observed(method, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -77,6 +88,18 @@ class Guard(grpc.aio.ServerInterceptor):
                 given = value.encode() if isinstance(value, str) else value
                 return hmac.compare_digest(given, self._token)
         return False
+
+    def _full(self) -> str | None:
+        """Why no call can be admitted now, or None."""
+        if self.in_flight >= self._max_in_flight:
+            return f"the ranker is at its limit of {self._max_in_flight} calls in flight"
+        if self._loop_share is not None:
+            now = time.monotonic()
+            while self._recent and self._recent[0][0] < now - WINDOW_S:
+                self._recent.popleft()
+            if sum(took for _, took in self._recent) >= self._loop_share * WINDOW_S:
+                return f"the ranker has used its share ({self._loop_share:.0%}) of the event loop"
+        return None
 
     def _admit(self) -> None:
         # Interceptors run in the call's own task: its end releases the slot whatever happens
@@ -91,18 +114,20 @@ class Guard(grpc.aio.ServerInterceptor):
         self.in_flight -= 1
         metrics.RANKER_IN_FLIGHT.set(self.in_flight)
 
+    def _observed(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            finally:
+                took = time.perf_counter() - start
+                if self._loop_share is not None:
+                    self._recent.append((time.monotonic(), took))
+                metrics.RANK_SECONDS.labels(method).observe(took)
+                code = context.code() or grpc.StatusCode.OK
+                metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()
 
-def _observed(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
-        try:
-            return await behavior(request, context)
-        finally:
-            metrics.RANK_SECONDS.labels(method).observe(time.perf_counter() - start)
-            code = context.code() or grpc.StatusCode.OK
-            metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()
-
-    return call
+        return call
 
 
 def _refusal(

@@ -22,6 +22,8 @@ SERVER_MODE_THREADS = 4
 # grpc's own cap on all RPCs, a backstop for memory above the Ranker's admission limit: room
 # for health checks, reflection and the calls being refused.
 OTHER_RPCS = 64
+# Inline (local mode) Ranker calls may take this share of the loop they share with the worker.
+INLINE_LOOP_SHARE = 0.5
 
 
 @dataclass
@@ -62,6 +64,7 @@ async def start_server(
         limited=RANKER_SERVICE,
         max_in_flight=r.max_in_flight,
         token=security.token.get_secret_value() if security.token else None,
+        loop_share=INLINE_LOOP_SHARE if executor is None else None,
     )
     server = grpc.aio.server(
         interceptors=[guard],
