@@ -259,7 +259,7 @@ class BPR(Peer):
         super().fit(history)
         data = self._train(history)
         model = cornac.models.BPR(
-            k=50, max_iter=200, learning_rate=0.01, lambda_reg=0.01, seed=self.seed
+            k=50, max_iter=200, learning_rate=0.01, lambda_reg=0.01, seed=self.seed, verbose=False
         )
         model.fit(data)
         self.uid = data.uid_map
@@ -305,6 +305,7 @@ class VBPR(BPR):
             lambda_b=0.01,
             lambda_e=0.0,
             seed=self.seed,
+            verbose=False,
         )
         model.fit(data)
         self.uid = data.uid_map
@@ -884,6 +885,36 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+METHOD = """\
+- Same history, test positives and candidates for every model: every item the user has not
+  rated in history (protocol C: not rated so far); protocol B cold-only: the cold items only
+  (fusionrec: the ranker's attribute filter `split=cold` on the published items).
+- fusionrec: items published to the items topic and onboarded by the worker; history published
+  as rating events with their own timestamps, in time order, and folded by the profile agent;
+  rankings asked of the gRPC ranker (top 20, exclude_seen). Items carry `created_at` = release
+  date where the data set has one. Profile half-life: the settings' value, not fitted.
+- Waiting for the stack: a marker event for a fresh user goes behind the published events on
+  the one partition; the evaluator asks only once it is folded. Protocol C waits so before a
+  query whenever the asking user has events not yet confirmed folded; other users' events may
+  still be in flight (at most a batch window), as in production.
+- most-popular: count of positives in history. BPR (Cornac, k=50, 200 iterations, lr 0.01,
+  lambda 0.01): items unseen in training rank after every known item; unknown users get item
+  biases. VBPR (Cornac, k=10, k2=20, 30 epochs, lr 0.005, lambda_w 1, lambda_b 0.01) on the
+  posters' image vectors (the stack's image encoder): a cold item is scored by its visual term
+  theta_u . (E f_i) + beta' . f_i, its bias and latent factors taken as 0; unknown users get
+  beta' . f_i. Hyper-parameters: library-example values, not tuned.
+- content: per modality, the sum (hence the mean's direction) of the user's positive items'
+  vectors (streams.profiles.fold, weight 1, no decay), scored by serving.fusion.fuse (cosine,
+  the settings' fixed modality weights); no positive in history: most-popular. Its item vectors
+  are computed in-process with the stack's encoders and content path (the stack's Qdrant local
+  mode is locked by its process).
+- Peers are static (trained once on history); protocol C has no daily-retrained row yet.
+- Recall@20 = hits / all test positives of the user; NDCG@20 binary, ideal over
+  min(20, positives); MRR@20 = 1 / rank of the first hit. Protocol C: per test positive.
+- Warm/cold items: rated (any rating) in history or not; returning users: a positive in history.
+"""
+
+
 def markdown(doc: dict[str, Any], plots: list[str]) -> str:
     parts = [
         "# fusionrec evaluation",
@@ -893,6 +924,8 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         "Protocols: ../shared/data/movielens-100k/README.md. fusionrec = the gRPC ranker of an "
         "embedded stack fed through the real topics and agents; peers in-process on the same "
         "history, test positives and candidates.",
+        "## Method",
+        METHOD,
         "## Summary",
         table(doc["summary"]),
         "## Against the bar (fusionrec NDCG@20 / best peer's)",
