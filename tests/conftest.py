@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from fusionrec.broker import free_port
 from fusionrec.demo import make_item
 from fusionrec.launcher import spawn_stack
 from fusionrec.publisher import Publisher
@@ -34,6 +35,7 @@ class Stack:
     client: RankerClient
     publisher: Publisher
     rng: np.random.Generator
+    metrics_url: str = ""  # the stack's Prometheus endpoint
 
     def item(self, theme: str, item_id: str, **overrides) -> dict:
         """A catalog item with a drawn image in `theme` (see fusionrec.demo)."""
@@ -84,6 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     media = root / "media"
     media.mkdir()
+    metrics_port = free_port()
     child = spawn_stack(
         root,
         {
@@ -91,6 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "FUSIONREC_MEDIA__ROOT": str(media),
             # Audio has its own tests; the pipeline tests need text and image.
             "FUSIONREC_ENCODERS__ENABLED": '["text", "image"]',
+            "FUSIONREC_METRICS__PORT": str(metrics_port),
         },
     )
     client = RankerClient(child.target, timeout=10)
@@ -107,6 +111,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         None,  # type: ignore[arg-type]
         np.random.default_rng(0),
     )
+    stack.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def serving() -> bool:
         try:
