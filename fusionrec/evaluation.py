@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -37,6 +37,7 @@ from streams.profiles import fold
 from streams.records import decode_item
 
 console = Console(stderr=True)
+T = TypeVar("T")
 K = p.K
 PEERS = ("most-popular", "bpr", "vbpr", "content")
 # Modalities a MovieLens-style data set carries; the stack and the content baseline use these.
@@ -395,11 +396,24 @@ class EmbeddedStack:
                 raise RuntimeError(f"the stack exited while waiting for {what}:\n{tail}")
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.02)
+            time.sleep(0.05)
+
+    def call(self, ask: Callable[[], T], tries: int = 600) -> T:
+        """One ranker call, retried while the ranker asks callers to back off: it refuses with
+        RESOURCE_EXHAUSTED once its calls have taken their share of the loop it shares with
+        the stream worker (busiest while the catalog is being encoded)."""
+        for attempt in range(tries):
+            try:
+                return ask()
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == tries - 1:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise AssertionError("unreachable")
 
     def known(self, item_id: str) -> bool:
         try:
-            self.client.similar(item_id, 1, explain=False)
+            self.call(lambda: self.client.similar(item_id, 1, explain=False))
             return True
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
@@ -434,7 +448,7 @@ class EmbeddedStack:
                 if len(waiting) < progress:
                     last, progress = time.monotonic(), len(waiting)
                 status.update(f"onboarding: {len(docs) - len(waiting)}/{len(docs)} items")
-                time.sleep(0.2)
+                time.sleep(0.5)
         return [i for i in waiting if not self.known(i)]
 
     def sync(self, item_id: str, timeout: float = 600.0) -> None:
@@ -447,12 +461,16 @@ class EmbeddedStack:
         self.publish("events", [{**doc, "timestamp": 0.0}])
         self.wait(
             "events to be folded",
-            lambda: not self.client.recommend(marker, 1, explain=False).cold_start,
+            lambda: (
+                not self.call(lambda: self.client.recommend(marker, 1, explain=False)).cold_start
+            ),
             timeout,
         )
 
     def rank(self, user: str, attributes: dict[str, str] | None = None) -> list[str]:
-        reply = self.client.recommend(user, K, attributes=attributes, explain=False)
+        reply = self.call(
+            lambda: self.client.recommend(user, K, attributes=attributes, explain=False)
+        )
         return [i.item_id for i in reply.items]
 
 
