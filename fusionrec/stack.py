@@ -52,7 +52,7 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
         max_audio_seconds=settings.media.max_audio_seconds,
     )
     store.ensure_collections(client, settings, {e.vector_name: e.dim for e in encoders.values()})
-    _commit_without_fsync(client)
+    fast_local_commits(client)
     # A full collection over the torch heap froze the loop ~350 ms: freeze what loading made.
     gc.collect()
     gc.freeze()
@@ -64,7 +64,7 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     client.close()
 
 
-def _commit_without_fsync(client: Any) -> None:
+def fast_local_commits(client: Any) -> None:
     """Qdrant local mode writes every point in its own SQLite transaction with an fsync: ~1.6 ms
     a point here, which held profile folding near 300 events/s. In WAL mode with
     synchronous=NORMAL (~0.35 ms a point) a commit still survives a crash of this process; only

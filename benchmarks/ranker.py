@@ -1,0 +1,228 @@
+"""Recommend latency and throughput over gRPC against the floor of the same query in the store.
+
+    python benchmarks/ranker.py [--quick] [--requests 300] [--seconds 10]
+
+For each catalog size (10k, then 20k items; 10k user profiles, the first 1,000 queried):
+  - floor: the bare Qdrant query in this process on the same data (one nearest-neighbour
+    request per modality of the user's profile, `candidates_per_modality` each, no payload,
+    vectors or filter), and exact numpy top-k over the same vectors;
+  - then `fusionrec up` on that data directory (the store is locked while it runs) and
+    Recommend(limit 10, no filter, seen excluded) at concurrency 1, 8 and 32 (grpc.aio).
+Items and profiles are written directly with fusionrec.store + Catalog.upsert + Users.save,
+with vectors drawn around topic centres instead of encoded (text 384-d, image 1280-d). The
+last line is one JSON object with the 10k-item figures (and the 20k ones under "at_20k").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # run as a script: import the repository's packages
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from qdrant_client import models  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    SEEDED,
+    Seeder,
+    header,
+    last_line,
+    peak_rss_mb,
+    percentiles_ms,
+    running_stack,
+    table,
+)
+from fusionrec.settings import Settings  # noqa: E402
+from fusionrec.store import user_point_id  # noqa: E402
+from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+
+
+def floors(seeder: Seeder, user_ids: list[str], settings: Settings) -> dict[str, Any]:
+    """Bare Qdrant query and numpy exact top-k for the same user vectors, in this process."""
+    k = settings.ranker.candidates_per_modality
+    matrices = seeder.matrices()
+    qdrant, exact = [], []
+    with seeder.store() as (catalog, _):
+        client = catalog.client
+        users = settings.qdrant.users_collection
+        for u in user_ids:
+            vectors = client.retrieve(users, [user_point_id(u)], with_vectors=True)[0].vector
+            assert isinstance(vectors, dict)
+            requests = [
+                models.QueryRequest(query=list(v), using=name, limit=k)
+                for name, v in vectors.items()
+            ]
+            t = time.perf_counter()
+            client.query_batch_points(settings.qdrant.items_collection, requests=requests)
+            qdrant.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for name, v in vectors.items():
+                q = np.asarray(v, dtype=np.float32)
+                scores = matrices[name] @ (q / np.linalg.norm(q))
+                top = np.argpartition(-scores, k)[:k]
+                top[np.argsort(-scores[top])]
+            exact.append(time.perf_counter() - t)
+    return {"floor": percentiles_ms(qdrant), "numpy": percentiles_ms(exact)}
+
+
+async def load(target: str, user_ids: list[str], concurrency: int, requests: int, seconds: float):
+    """Closed loop: `concurrency` callers, each sending its next request when one returns.
+
+    A RESOURCE_EXHAUSTED answer (the ranker's admission control: in local mode Recommend may
+    take half of each second of the shared event loop) is retried after 10 ms, as it asks;
+    latency runs from the first attempt to the answer. Refusals are counted apart from errors.
+    """
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    refusals = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = ranker_pb2_grpc.RankerStub(channel)
+        deadline = time.monotonic() + seconds
+        counter = iter(range(10**9))
+
+        async def caller() -> None:
+            nonlocal refusals
+            while time.monotonic() < deadline and (n := next(counter)) < requests:
+                request = ranker_pb2.RecommendRequest(
+                    user_id=user_ids[n % len(user_ids)], limit=10, explain=True
+                )
+                t = time.perf_counter()
+                while True:
+                    try:
+                        await stub.Recommend(request, timeout=30)
+                        latencies.append(time.perf_counter() - t)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code()
+                        if (
+                            code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            and time.perf_counter() - t < 30
+                        ):
+                            refusals += 1
+                            await asyncio.sleep(0.01)
+                            continue
+                        errors[code.name] = errors.get(code.name, 0) + 1
+                        break
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return latencies, errors, refusals, len(latencies) / elapsed
+
+
+def measure(seeder: Seeder, root: Path, args: argparse.Namespace, n_items: int) -> dict[str, Any]:
+    user_ids = [f"user-{u}" for u in range(min(args.users, 1000))]
+    floor = floors(seeder, user_ids[: args.floor_users], seeder.settings)
+    out: dict[str, Any] = {"items": n_items, **floor}
+    with running_stack(root, SEEDED) as (child, _):
+        # Warm up: the layout read, the first fresh/popular lists, gRPC channels.
+        asyncio.run(load(child.target, user_ids, 1, 20, 30))
+        for c in CONCURRENCY:
+            n = args.requests * (1 if c == 1 else 3)
+            lat, errors, refused, qps = asyncio.run(
+                load(child.target, user_ids, c, n, args.seconds)
+            )
+            out[f"c{c}"] = {
+                **percentiles_ms(lat),
+                "qps": round(qps, 1),
+                "errors": errors,
+                "refusals": refused,
+            }
+        out["peak_rss_mb"] = peak_rss_mb(child.process.pid)
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"## {r['items']} items")
+    rows = [
+        ["qdrant floor (bare query)", r["floor"]["p50"], r["floor"]["p99"], None, None, None],
+        ["numpy exact top-k", r["numpy"]["p50"], r["numpy"]["p99"], None, None, None],
+    ]
+    for c in CONCURRENCY:
+        x = r[f"c{c}"]
+        errors = sum(x["errors"].values())
+        rows.append([f"Recommend c{c}", x["p50"], x["p99"], x["qps"], x["refusals"], errors])
+        if x["errors"]:
+            print(f"c{c} errors: {x['errors']}")
+    table(["what", "p50 ms", "p99 ms", "qps", "refusals (retried)", "errors"], rows)
+    print(
+        f"ratio Recommend/floor at c1: p50 {_ratio(r, 'p50')}x, p99 {_ratio(r, 'p99')}x; "
+        f"peak RSS {r['peak_rss_mb']} MB\n",
+        flush=True,
+    )
+
+
+def _ratio(r: dict[str, Any], key: str) -> float | None:
+    served, floor = r["c1"][key], r["floor"][key]
+    return None if served is None or not floor else round(served / floor, 2)
+
+
+def figures(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "items": r["items"],
+        "recommend_p50_ms_c1": r["c1"]["p50"],
+        "recommend_p99_ms_c1": r["c1"]["p99"],
+        "floor_p50_ms_c1": r["floor"]["p50"],
+        "floor_p99_ms_c1": r["floor"]["p99"],
+        "numpy_p99_ms": r["numpy"]["p99"],
+        "overhead_ratio_c1": _ratio(r, "p99"),
+        "overhead_ratio_p50_c1": _ratio(r, "p50"),
+        "errors_c1": sum(r["c1"]["errors"].values()),
+        "recommend_p99_ms_c8": r["c8"]["p99"],
+        "recommend_qps_c8": r["c8"]["qps"],
+        "recommend_p99_ms_c32": r["c32"]["p99"],
+        "recommend_qps_c32": r["c32"]["qps"],
+        "errors_c32": sum(r["c32"]["errors"].values()),
+        "errors_c32_by_code": r["c32"]["errors"],
+        "refusals_retried": {f"c{c}": r[f"c{c}"]["refusals"] for c in CONCURRENCY},
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to keep it working")
+    parser.add_argument("--requests", type=int, default=300, help="requests at c1 (3x at c8/c32)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time cap per concurrency")
+    args = parser.parse_args()
+    sizes, args.users, args.floor_users = (10_000, 20_000), 10_000, 200
+    if args.quick:
+        sizes, args.users, args.floor_users, args.requests, args.seconds = (300, 600), 50, 10, 10, 5
+    header("Recommend latency and throughput (benchmarks/ranker.py)")
+    print(
+        f"seeded directly: {sizes[-1]} items max (text 384-d + image 1280-d vectors), "
+        f"{args.users} user profiles; queries over {min(args.users, 1000)} users, "
+        "limit 10, no filter, seen items excluded\n",
+        flush=True,
+    )
+    seeder = Seeder(Path(tempfile.mkdtemp(prefix="bench-ranker-")), np.random.default_rng(0))
+    root = seeder.settings.data_dir.parent
+    results = []
+    with seeder.store() as (catalog, users):
+        seeder.add_items(catalog, sizes[0])
+        seeder.add_users(users, args.users)
+    results.append(measure(seeder, root, args, sizes[0]))
+    report(results[-1])
+    with seeder.store() as (catalog, _):
+        seeder.add_items(catalog, sizes[1] - sizes[0])
+    results.append(measure(seeder, root, args, sizes[1]))
+    report(results[-1])
+    first, second = (figures(r) for r in results)
+    # The memory figure is the stack holding the larger catalog.
+    first["peak_rss_mb_10k"], first["peak_rss_mb"] = first["peak_rss_mb"], second["peak_rss_mb"]
+    first["at_20k"] = second
+    last_line(first)
+
+
+if __name__ == "__main__":
+    main()
