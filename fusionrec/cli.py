@@ -96,7 +96,7 @@ def worker(
     settings = _settings(config, data_dir, kafka, qdrant_url, log_level=log_level)
     if settings.kafka.bootstrap is None:
         raise typer.BadParameter("a worker needs --kafka (the embedded broker runs with `up`)")
-    run_worker(settings, serve=False)
+    run_worker(_observable(settings), serve=False)
 
 
 @app.command()
