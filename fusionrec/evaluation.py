@@ -388,7 +388,9 @@ class EmbeddedStack:
         except grpc.RpcError:
             return False
 
-    def wait(self, what: str, check: Callable[[], bool], timeout: float) -> None:
+    def wait(
+        self, what: str, check: Callable[[], bool], timeout: float, every: float = 0.05
+    ) -> None:
         start = time.monotonic()
         while not check():
             if self.process.poll() is not None:
@@ -396,7 +398,7 @@ class EmbeddedStack:
                 raise RuntimeError(f"the stack exited while waiting for {what}:\n{tail}")
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(every)
 
     def call(self, ask: Callable[[], T], tries: int = 600) -> T:
         """One ranker call, retried while the ranker asks callers to back off: it refuses with
@@ -465,6 +467,8 @@ class EmbeddedStack:
                 not self.call(lambda: self.client.recommend(marker, 1, explain=False)).cold_start
             ),
             timeout,
+            # The first wait (history) is long: polls would take the loop from the worker.
+            every=0.5 if self.syncs == 1 else 0.05,
         )
 
     def rank(self, user: str, attributes: dict[str, str] | None = None) -> list[str]:
