@@ -7,10 +7,10 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -28,6 +28,7 @@ from streams.users import Users
 # The encoders the stack runs in the ranker and events benchmarks (their vectors are seeded
 # directly); the freshness benchmark runs the defaults.
 SEEDED = {"FUSIONREC_ENCODERS__ENABLED": '["text", "image"]'}
+T = TypeVar("T")
 STACK = "embedded (fusionrec up: Tansu broker subprocess, Qdrant local mode, worker + ranker)"
 
 
@@ -91,6 +92,19 @@ def peak_rss_mb(pid: int) -> float:
             continue
         total_kb += next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM"))
     return round(total_kb / 1024, 1)
+
+
+def admitted(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)`, asked again while the ranker's admission control refuses it
+    (RESOURCE_EXHAUSTED says "retry later"; in local mode ranker calls may take half of each
+    second of the event loop they share with the worker)."""
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            time.sleep(0.005)
 
 
 @contextmanager

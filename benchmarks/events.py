@@ -35,6 +35,7 @@ from kafka import KafkaProducer  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     SEEDED,
     Seeder,
+    admitted,
     header,
     last_line,
     peak_rss_mb,
@@ -101,7 +102,7 @@ def main() -> None:
         produced_s = time.monotonic() - start
         seen_at = []
         for k in range(11):
-            while ranker.recommend(f"marker-{k}", 1, explain=False).cold_start:
+            while admitted(ranker.recommend, f"marker-{k}", 1, explain=False).cold_start:
                 time.sleep(0.02)
             seen_at.append(time.monotonic() - start)
         rss = peak_rss_mb(child.process.pid)
