@@ -343,7 +343,7 @@ def build_peers(
 
 def top_ids(scores: np.ndarray, ids: Sequence[str], allowed: np.ndarray, k: int = K) -> list[str]:
     """The k best allowed items; ties go to the catalog order (stable sort), reproducibly."""
-    s = np.where(allowed, scores, np.nan)
+    s = np.where(allowed, np.asarray(scores, dtype=np.float64), np.nan)
     order = np.argsort(-np.nan_to_num(s, nan=-np.inf, neginf=-1e300), kind="stable")
     return [ids[j] for j in order[: k * 4] if allowed[j]][:k]
 
