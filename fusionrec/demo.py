@@ -198,11 +198,22 @@ def movielens_catalog(data: Path, limit: int = 300) -> tuple[list[dict], list[di
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 300.0) -> float:
     start = time.monotonic()
     with console.status(what):
-        while not check():
+        while not _answered(check):
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"timed out: {what}")
             time.sleep(0.02)
     return time.monotonic() - start
+
+
+def _answered(check: Callable[[], bool]) -> bool:
+    """The check's answer; False while the ranker sheds load (its answer to polling too fast)."""
+    try:
+        return check()
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        time.sleep(0.2)
+        return False
 
 
 def run_demo(data: Path | None = None) -> None:
