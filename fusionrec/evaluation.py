@@ -612,6 +612,7 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         if "A" in wanted or "C" in wanted:
             self._run_a_c("A" in wanted, "C" in wanted)
+            self.report()  # written as each stack finishes: a long run keeps what it has
         if "B" in wanted:
             self._run_b()
         return self.report()
