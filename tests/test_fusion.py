@@ -88,7 +88,8 @@ def cases(draw: st.DrawFn) -> tuple[dict, dict, dict, dict]:
             draw(st.lists(st.lists(floats, min_size=d, max_size=d), min_size=n, max_size=n))
         )
         present[m] = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-        weights[m] = draw(st.floats(0.0, 10.0))
+        # Off, or a weight a setting could hold: a subnormal one underflows to 0 when scaled.
+        weights[m] = draw(st.one_of(st.just(0.0), st.floats(1e-6, 10.0)))
         if draw(st.booleans()):
             user[m] = np.array(draw(st.lists(floats, min_size=d, max_size=d)))
     return user, items, present, weights
