@@ -44,7 +44,6 @@ class RankerService(mode.Service):
 
 def run_worker(settings: Settings, *, serve: bool) -> None:
     """Run the stream worker (with the ranker in-process when `serve`) until SIGINT/SIGTERM."""
-    logging.basicConfig(level=settings.log_level)
     client = store.connect(settings)
     encoders = build_encoders(
         settings.encoders,
@@ -58,7 +57,8 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     gc.freeze()
     app = create_app(settings, client, encoders)
     services = [RankerService(settings, client)] if serve else []
-    worker = faust.Worker(app, *services, loglevel=settings.log_level)
+    # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.
+    worker = faust.Worker(app, *services, loglevel=settings.log_level, override_logging=False)
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     client.close()
@@ -97,7 +97,6 @@ def up(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """A standalone ranker for the distributed topology (stateless; point it at a Qdrant server)."""
-    logging.basicConfig(level=settings.log_level)
 
     async def main() -> None:
         client = store.connect(settings)
