@@ -6,7 +6,9 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from fusionrec.settings import Settings
 
@@ -33,6 +35,18 @@ def user_point_id(user_id: str) -> str:
 def modality_of(vector_name: str) -> str:
     """`text.minilm-l6-v2` -> `text`: a vector name is `<modality>.<encoder name>`."""
     return vector_name.split(".", 1)[0]
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the store is out of reach for now (worth waiting for), as opposed to a
+    request it refuses. Covers the REST transport, HTTP 502-504 and gRPC UNAVAILABLE/DEADLINE."""
+    if isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code in (502, 503, 504)
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return False
 
 
 def connect(settings: Settings) -> QdrantClient:

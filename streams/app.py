@@ -17,7 +17,7 @@ from faust.types import Message
 from qdrant_client import QdrantClient
 
 from encoders.base import EncodeError, Encoder
-from fusionrec import metrics
+from fusionrec import metrics, store
 from fusionrec.kafka_auth import faust_credentials
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
@@ -103,28 +103,41 @@ def create_app(
         return good
 
     async def guarded(batch: Sequence[faust.EventT], handle: Callable[..., Awaitable]) -> None:
-        """A batch that fails for a reason no message check foresaw goes to dead-letters whole,
-        with that reason, and the agent goes on: it never dies of one bad batch."""
+        """Handle a batch. While the store is unreachable, retry with backoff; a batch that fails
+        for any other reason no message check foresaw goes to dead-letters whole, with that
+        reason, and the agent goes on: it never dies of one bad batch."""
         log.debug(
             "batch of %d: %s",
             len(batch),
             [(e.message.topic, e.message.partition, e.message.offset) for e in batch],
         )
-        try:
-            await handle(batch)
+        pause = 0.5
+        while True:
+            try:
+                await handle(batch)
+            except Exception as exc:
+                if store.unavailable(exc):
+                    # The store is away, not the batch at fault: hold it (and its partition)
+                    # and try again; writes are idempotent, so a retry applies nothing twice.
+                    log.warning("store unavailable (%s); retrying in %.1f s", exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 30.0)
+                    continue
+                log.exception("batch of %d failed", len(batch))
+                reason = f"processing failed: {type(exc).__name__}: {exc}"
+                for m in (e.message for e in batch):
+                    await reject(
+                        reason,
+                        m.topic,
+                        m.key,
+                        m.value,
+                        m.partition,
+                        m.offset,
+                        kind=metrics.PROCESSING_FAILED,
+                    )
+                return
             record_lag(batch)
-        except Exception as exc:
-            log.exception("batch of %d failed", len(batch))
-            for m in (e.message for e in batch):
-                await reject(
-                    f"processing failed: {type(exc).__name__}: {exc}",
-                    m.topic,
-                    m.key,
-                    m.value,
-                    m.partition,
-                    m.offset,
-                    kind=metrics.PROCESSING_FAILED,
-                )
+            return
 
     def record_lag(batch: Sequence[faust.EventT]) -> None:
         last: dict[Any, int] = {}

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -92,30 +93,31 @@ class Users:
         Events whose item is not in the catalog yet are held in the profile until it arrives.
         """
         profiles = self.load(e.user_id for e in events)
-        fresh: list[EventRecord] = []
-        now = time.time()
-        for e in sorted(events, key=lambda e: e.timestamp):
-            p = profiles[e.user_id]
-            if p.already_applied(e.event_id):
-                continue
-            p.remember(e.event_id, e.item_id, self.cfg)
-            fresh.append(e)
-        items = self.catalog.lookup({e.item_id for e in fresh}, with_vectors=True)
-        gains: dict[str, float] = {}
-        for e in fresh:
-            p = profiles[e.user_id]
-            if e.item_id not in items:
-                p.pending.append({"held_at": now, "event": e.model_dump(mode="json")})
-                self.holding.add(e.user_id)
-                continue
-            w = self._fold(p, e, items[e.item_id].vectors)
-            if w > 0:
-                gains[e.item_id] = gains.get(e.item_id, 0.0) + w
-        touched = {e.user_id for e in fresh}
-        for u in touched:
-            profiles[u].updated_at = now
-        self.save(profiles[u] for u in touched)
-        self.catalog.add_popularity(gains, items)
+        with self._store_is_truth(profiles):
+            fresh: list[EventRecord] = []
+            now = time.time()
+            for e in sorted(events, key=lambda e: e.timestamp):
+                p = profiles[e.user_id]
+                if p.already_applied(e.event_id):
+                    continue
+                p.remember(e.event_id, e.item_id, self.cfg)
+                fresh.append(e)
+            items = self.catalog.lookup({e.item_id for e in fresh}, with_vectors=True)
+            gains: dict[str, float] = {}
+            for e in fresh:
+                p = profiles[e.user_id]
+                if e.item_id not in items:
+                    p.pending.append({"held_at": now, "event": e.model_dump(mode="json")})
+                    self.holding.add(e.user_id)
+                    continue
+                w = self._fold(p, e, items[e.item_id].vectors)
+                if w > 0:
+                    gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+            touched = {e.user_id for e in fresh}
+            for u in touched:
+                profiles[u].updated_at = now
+            self.save(profiles[u] for u in touched)
+            self.catalog.add_popularity(gains, items)
         return len(fresh)
 
     def retry_pending(self, now: float | None = None) -> list[EventRecord]:
@@ -125,29 +127,40 @@ class Users:
         if not self.holding:
             return []
         held = list(self.load(self.holding).values())
-        items = self.catalog.lookup(
-            {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
-        )
-        expired: list[EventRecord] = []
-        gains: dict[str, float] = {}
-        for p in held:
-            keep = []
-            for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
-                e = EventRecord.model_validate(held_event["event"])
-                if e.item_id in items:
-                    w = self._fold(p, e, items[e.item_id].vectors)
-                    if w > 0:
-                        gains[e.item_id] = gains.get(e.item_id, 0.0) + w
-                elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
-                    expired.append(e)
-                else:
-                    keep.append(held_event)
-            p.pending = keep
-            if not keep:
-                self.holding.discard(p.user_id)
-        self.save(held)
-        self.catalog.add_popularity(gains, items)
+        with self._store_is_truth(p.user_id for p in held):
+            items = self.catalog.lookup(
+                {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
+            )
+            expired: list[EventRecord] = []
+            gains: dict[str, float] = {}
+            for p in held:
+                keep = []
+                for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
+                    e = EventRecord.model_validate(held_event["event"])
+                    if e.item_id in items:
+                        w = self._fold(p, e, items[e.item_id].vectors)
+                        if w > 0:
+                            gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+                    elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
+                        expired.append(e)
+                    else:
+                        keep.append(held_event)
+                p.pending = keep
+            self.save(held)
+            self.catalog.add_popularity(gains, items)
+            self.holding.difference_update(p.user_id for p in held if not p.pending)
         return expired
+
+    @contextmanager
+    def _store_is_truth(self, profiles: Iterable[str]) -> Iterator[None]:
+        """Changes are made to cached profiles first; if the write to the store fails, drop
+        them from the cache so a retry starts again from what the store holds."""
+        try:
+            yield
+        except BaseException:
+            for u in list(profiles):
+                self.cache.pop(u, None)
+            raise
 
     def _fold(self, p: Profile, e: EventRecord, item_vectors: dict[str, np.ndarray]) -> float:
         w = event_weight(e.type, e.value, self.cfg)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 from qdrant_client import QdrantClient
+from qdrant_client.http.exceptions import ResponseHandlingException
 
 from fusionrec import store
 from fusionrec.settings import Settings
@@ -92,3 +94,40 @@ def test_held_events_expire_to_the_caller(state):
     expired = users.retry_pending(now=1e12)
     assert [e.event_id for e in expired] == ["e1"]
     assert users.load(["u"])["u"].pending == []
+
+
+def test_a_failed_store_write_applies_nothing_and_a_retry_applies_once(state, monkeypatch):
+    _, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    real_upsert = client.upsert
+
+    def store_down(*args, **kwargs):
+        raise ResponseHandlingException(ConnectionError("connection refused"))
+
+    monkeypatch.setattr(client, "upsert", store_down)
+    with pytest.raises(ResponseHandlingException) as failure:
+        users.apply([event("e1", "a")])
+    assert store.unavailable(failure.value)
+    monkeypatch.setattr(client, "upsert", real_upsert)
+    assert users.apply([event("e1", "a")]) == 1  # the retry is not taken for a duplicate
+    assert users.apply([event("e1", "a")]) == 0
+    assert catalog.lookup(["a"])["a"].popularity == 1.0
+
+
+def test_what_counts_as_the_store_being_away():
+    import grpc
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    class Rpc(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+    assert store.unavailable(ResponseHandlingException(OSError("reset")))
+    assert store.unavailable(UnexpectedResponse(503, "Service Unavailable", b"", httpx.Headers()))
+    assert store.unavailable(Rpc(grpc.StatusCode.UNAVAILABLE))
+    assert not store.unavailable(UnexpectedResponse(400, "Bad Request", b"", httpx.Headers()))
+    assert not store.unavailable(Rpc(grpc.StatusCode.INVALID_ARGUMENT))
+    assert not store.unavailable(ValueError("a bug"))
