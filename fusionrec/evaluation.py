@@ -341,11 +341,16 @@ def build_peers(
     return [makers[n]() for n in names]
 
 
-def top_ids(scores: np.ndarray, ids: Sequence[str], allowed: np.ndarray, k: int = K) -> list[str]:
-    """The k best allowed items; ties go to the catalog order (stable sort), reproducibly."""
-    s = np.where(allowed, np.asarray(scores, dtype=np.float64), np.nan)
-    order = np.argsort(-np.nan_to_num(s, nan=-np.inf, neginf=-1e300), kind="stable")
-    return [ids[j] for j in order[: k * 4] if allowed[j]][:k]
+def top_ids(
+    scores: np.ndarray, ids: Sequence[str], allowed: np.ndarray, tiebreak: np.ndarray, k: int = K
+) -> list[str]:
+    """The k best allowed items. Ties (e.g. cold items a model cannot score) go by `tiebreak`, a
+    seeded random order: catalog ids are not neutral (MovieLens' low ids are the popular films).
+    Items a model cannot score (-inf) still rank above the ones not allowed."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), neginf=-1e300)
+    s = np.where(allowed, s, -np.inf)
+    order = np.lexsort((tiebreak, -s))
+    return [ids[j] for j in order[:k] if allowed[j]]
 
 
 # -- the embedded stack -----------------------------------------------------------------------
@@ -563,6 +568,7 @@ class Evaluation:
             }
         )
         self.catalog = set(ds.item_ids)
+        self.tiebreak = np.random.default_rng(seed).permutation(len(ds.item_ids))
         self.results: dict[str, dict[str, Outcome]] = {}
         self.notes: list[str] = []
         self.counts: dict[str, Any] = {}
@@ -680,7 +686,7 @@ class Evaluation:
             rankings["fusionrec"][u] = stack.rank(u, attributes)
             allowed = np.array([i in only and i not in rated[u] for i in ids])
             for peer in peers:
-                rankings[peer.name][u] = top_ids(peer.scores(u), ids, allowed)
+                rankings[peer.name][u] = top_ids(peer.scores(u), ids, allowed, self.tiebreak)
         at = _test_time(split)
         self.results[name] = {
             model: Outcome(
@@ -740,7 +746,7 @@ class Evaluation:
                     key = (peer.name, r.user)
                     if key not in cache:
                         cache[key] = peer.scores(r.user)
-                    ranked[peer.name] = top_ids(cache[key], ids, allowed)
+                    ranked[peer.name] = top_ids(cache[key], ids, allowed, self.tiebreak)
                 tags = {
                     "users": "returning" if r.user in had_positive else "new",
                     "items": "warm" if r.item in seen_items else "cold",
@@ -932,6 +938,7 @@ METHOD = """\
   are computed in-process with the stack's encoders and content path (the stack's Qdrant local
   mode is locked by its process).
 - Peers are static (trained once on history); protocol C has no daily-retrained row yet.
+  Peers' ties (items a model cannot score) are broken by a seeded random order, not by id.
 - Recall@20 = hits / all test positives of the user; NDCG@20 binary, ideal over
   min(20, positives); MRR@20 = 1 / rank of the first hit. Protocol C: per test positive.
 - Warm/cold items: rated (any rating) in history or not; returning users: a positive in history.
