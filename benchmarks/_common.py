@@ -117,11 +117,8 @@ def running_stack(root: Path, env: Mapping[str, str]) -> Iterator[tuple[ChildSta
         while True:
             if child.process.poll() is not None:
                 raise RuntimeError(f"the stack died:\n{child.log_tail()}")
-            try:
-                if client.health() == "SERVING":
-                    break
-            except grpc.RpcError:
-                pass
+            if client.serving():
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not serve in 300 s:\n{child.log_tail()}")
             time.sleep(0.2)

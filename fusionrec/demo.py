@@ -257,10 +257,7 @@ def _show(
     def serving() -> bool:
         if stack.process.poll() is not None:
             raise RuntimeError(f"the stack exited with code {stack.process.returncode}")
-        try:
-            return client.health() == "SERVING"
-        except grpc.RpcError:
-            return False
+        return client.serving()
 
     t = wait_for("starting broker, loading encoders, joining the consumer group", serving)
     console.print(f"stack serving after {t:.1f} s")

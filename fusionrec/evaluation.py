@@ -373,7 +373,7 @@ class EmbeddedStack:
         self.client = RankerClient(self.child.target, timeout=30)
         self.publisher: Publisher | None = None
         try:
-            self.wait("the stack to serve", self._serving, timeout=600)
+            self.wait("the stack to serve", self.client.serving, timeout=600)
             settings = load_settings(self.config, kafka={"bootstrap": self.child.bootstrap})
             self.publisher = Publisher(settings)
         except BaseException:
@@ -386,12 +386,6 @@ class EmbeddedStack:
             self.publisher.close()
         self.client.close()
         self.child.stop(30)
-
-    def _serving(self) -> bool:
-        try:
-            return self.client.health() == "SERVING"
-        except grpc.RpcError:
-            return False
 
     def wait(
         self, what: str, check: Callable[[], bool], timeout: float, every: float = 0.05

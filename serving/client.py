@@ -136,6 +136,13 @@ class RankerClient:
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
+    def serving(self) -> bool:
+        """Whether the server says SERVING; False while it is not up yet or unreachable."""
+        try:
+            return self.health() == "SERVING"
+        except grpc.RpcError:
+            return False
+
     def close(self) -> None:
         self._channel.close()
 

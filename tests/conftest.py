@@ -113,14 +113,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     stack.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
-    def serving() -> bool:
-        try:
-            return client.health() == "SERVING"
-        except grpc.RpcError:
-            return False
-
     try:
-        stack.wait("the stack to serve", serving, timeout=300)
+        stack.wait("the stack to serve", client.serving, timeout=300)
         stack.publisher = Publisher(settings)
         yield stack
     finally:
