@@ -139,16 +139,24 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._layout_read_at = -math.inf
         self._priors = PriorCache(settings.ranker.prior_cache_ttl_s)
 
+    async def _checked(
+        self, request: Any, id_name: str, id_value: str, context: grpc.aio.ServicerContext
+    ) -> tuple[dict[str, float], Layout]:
+        """The checks both RPCs share (INVALID_ARGUMENT on failure): the id, limit, weights and
+        filter; then the current vector layout."""
+        r = self._settings.ranker
+        check_id(id_name, id_value, r.max_id_length)
+        check_limit(request.limit, r.max_limit)
+        overrides = check_weights(request.modality_weights)
+        check_filter(request.filter)
+        return overrides, await self._current_layout(context)
+
     @_rpc
     async def Recommend(
         self, request: ranker_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.RecommendResponse:
-        r, q = self._settings.ranker, self._settings.qdrant
-        check_id("user_id", request.user_id, r.max_id_length)
-        check_limit(request.limit, r.max_limit)
-        overrides = check_weights(request.modality_weights)
-        check_filter(request.filter)
-        layout = await self._current_layout(context)
+        q = self._settings.qdrant
+        overrides, layout = await self._checked(request, "user_id", request.user_id, context)
         users = await self._store(
             context,
             lambda: self._client.retrieve(
@@ -177,12 +185,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
     async def SimilarItems(
         self, request: ranker_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext
     ) -> ranker_pb2.SimilarItemsResponse:
-        r, q = self._settings.ranker, self._settings.qdrant
-        check_id("item_id", request.item_id, r.max_id_length)
-        check_limit(request.limit, r.max_limit)
-        overrides = check_weights(request.modality_weights)
-        check_filter(request.filter)
-        layout = await self._current_layout(context)
+        q = self._settings.qdrant
+        overrides, layout = await self._checked(request, "item_id", request.item_id, context)
         point_id = item_point_id(request.item_id)
         items = await self._store(
             context,
