@@ -19,7 +19,7 @@ Checks, from the store alone:
   squares gives each a_i, which must be 1 (0: lost, 2: applied twice). Each user's events are on
   distinct items, so the terms are independent and the attribution is exact. Also the plain
   check: the stored profile against streams.profiles.fold over all its events (allclose);
-- popularity: per item, the sum of the positive weights of its events.
+- popularity: per item, the decayed sum of the positive weights of its events.
 Per-user event counts stay far below profiles.dedupe_window (2000), the bound on how far back a
 replay is recognised.
 """
@@ -53,7 +53,7 @@ from fusionrec.broker import EmbeddedBroker, free_port  # noqa: E402
 from fusionrec.publisher import Publisher  # noqa: E402
 from fusionrec.settings import ProfileSettings, Settings, load_settings  # noqa: E402
 from serving.client import RankerClient  # noqa: E402
-from streams.profiles import DAY_S, decay, event_weight, fold  # noqa: E402
+from streams.profiles import DAY_S, accumulate, decay, event_weight, fold  # noqa: E402
 
 # Every type has a non-zero weight: an event of weight 0 has no effect to count.
 TYPES = ["view"] * 5 + ["click"] * 2 + ["like", "purchase", "dislike"]
@@ -331,17 +331,30 @@ def verify(settings: Settings, plan: Plan) -> dict[str, Any]:
     published = {i["id"] for i in plan.items}
     vectors: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(384, dtype=np.float32))
     vectors.update({p.payload[store.ITEM_ID]: np.asarray(p.vector[VECTOR]) for p in item_points})
-    popularity = {
-        p.payload[store.ITEM_ID]: p.payload.get(store.POPULARITY, 0.0) for p in item_points
+    pop_half_life_s = settings.profiles.popularity_half_life_days * DAY_S
+    stored_pop = {
+        p.payload[store.ITEM_ID]: (
+            float(p.payload.get(store.POPULARITY) or 0.0),
+            float(p.payload.get(store.POPULARITY_AT) or 0.0),
+        )
+        for p in item_points
     }
 
     by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    expected_pop: dict[str, float] = defaultdict(float)
-    for e in plan.events:
+    expected_at: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    for e in sorted(plan.events, key=lambda e: e["timestamp"]):
         by_user[e["user_id"]].append(e)
         w = event_weight(e["type"], None, cfg)
         if w > 0:
-            expected_pop[e["item_id"]] += w
+            expected_at[e["item_id"]] = accumulate(
+                *expected_at[e["item_id"]], w, e["timestamp"], pop_half_life_s
+            )
+    # Compared as of one time: each decayed sum is worth value * decay(t - at) at time t.
+    t_common = max([at for _, at in (*stored_pop.values(), *expected_at.values())], default=0.0)
+    popularity = {i: v * decay(t_common - at, pop_half_life_s) for i, (v, at) in stored_pop.items()}
+    expected_pop = {
+        i: v * decay(t_common - at, pop_half_life_s) for i, (v, at) in expected_at.items()
+    }
     profiles = {p.payload["user_id"]: p for p in user_points}
 
     applied = twice = lost = unexplained = mismatched = held = remembered_twice = 0

@@ -116,6 +116,10 @@ class MediaSettings(_Section):
 
 class ProfileSettings(_Section):
     half_life_days: float = 30.0
+    # An item's popularity is its sum of positive event weights decayed with this half-life
+    # ("trending"); `inf` keeps the plain all-time sum. 7 days was fitted on MovieLens history
+    # (`fusionrec fit`): all-time counts rank last season's hits above this week's.
+    popularity_half_life_days: float = Field(7.0, gt=0)
     # Signed weight of each event type; negative types pull the profile away from the item.
     event_weights: dict[str, float] = Field(
         default_factory=lambda: {

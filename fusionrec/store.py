@@ -21,7 +21,11 @@ CATEGORY = "category"
 TAGS = "tags"
 ATTRIBUTES = "attributes"
 CREATED_AT = "created_at"
-POPULARITY = "popularity"
+POPULARITY = "popularity"  # decayed sum of positive event weights, as of POPULARITY_AT
+POPULARITY_AT = "popularity_at"
+# ln(popularity) + popularity_at * ln 2 / half-life: orders items by popularity decayed to any
+# common time, so the store can rank "popular now" without rewriting every item as time passes.
+TREND = "trend"
 
 
 def item_point_id(item_id: str) -> str:
@@ -88,5 +92,6 @@ def ensure_collections(client: QdrantClient, settings: Settings, dims: Mapping[s
                 (TAGS, models.PayloadSchemaType.KEYWORD),
                 (CREATED_AT, models.PayloadSchemaType.FLOAT),
                 (POPULARITY, models.PayloadSchemaType.FLOAT),
+                (TREND, models.PayloadSchemaType.FLOAT),
             ):
                 client.create_payload_index(name, field, field_schema=schema)

@@ -27,8 +27,8 @@ from fusionrec.store import (
     CATEGORY,
     CREATED_AT,
     ITEM_ID,
-    POPULARITY,
     TAGS,
+    TREND,
     modality_of,
 )
 
@@ -161,7 +161,7 @@ def generate(
                 np.asarray(vector).tolist(), per_modality + over, layout.vector_names[modality]
             )
             planned.append((modality, per_modality, None, query))
-    for label, key, limit in ((FRESH, CREATED_AT, fresh), (POPULAR, POPULARITY, popular)):
+    for label, key, limit in ((FRESH, CREATED_AT, fresh), (POPULAR, TREND, popular)):
         if limit <= 0:
             continue
         order = models.OrderByQuery(

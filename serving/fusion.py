@@ -70,9 +70,20 @@ def _count(items: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray]) -
     return sizes.pop() if sizes else 0
 
 
-def popularity_prior(popularity: np.ndarray) -> np.ndarray:
-    """log1p(popularity) scaled to [0, 1] by the most popular candidate; 0 when none has any."""
-    logs = np.log1p(np.clip(np.nan_to_num(np.asarray(popularity, dtype=np.float64)), 0.0, None))
+def popularity_prior(
+    popularity: np.ndarray, at: np.ndarray | None = None, half_life_s: float = np.inf
+) -> np.ndarray:
+    """log1p(popularity) scaled to [0, 1] by the most popular candidate; 0 when none has any.
+
+    Each popularity is a decayed sum as of its time `at`: it is first decayed to the newest of
+    those times, so candidates compare as of one moment (the latest activity among them) and
+    the answer does not depend on the ranker's clock.
+    """
+    pop = np.clip(np.nan_to_num(np.asarray(popularity, dtype=np.float64)), 0.0, None)
+    if at is not None and np.isfinite(half_life_s) and pop.any():
+        t = np.nan_to_num(np.asarray(at, dtype=np.float64))
+        pop = pop * np.exp2(-(t[pop > 0].max() - t) / half_life_s)
+    logs = np.log1p(pop)
     top = logs.max(initial=0.0)
     return logs / top if top > 0 else np.zeros_like(logs)
 

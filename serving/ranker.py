@@ -17,7 +17,15 @@ import numpy as np
 from qdrant_client import QdrantClient
 
 from fusionrec.settings import MODALITIES, Settings
-from fusionrec.store import CATEGORY, CREATED_AT, POPULARITY, TAGS, item_point_id, user_point_id
+from fusionrec.store import (
+    CATEGORY,
+    CREATED_AT,
+    POPULARITY,
+    POPULARITY_AT,
+    TAGS,
+    item_point_id,
+    user_point_id,
+)
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving import fusion
 from serving.candidates import (
@@ -261,7 +269,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         scores, parts = fusion.fuse(queries, found.vectors, found.present, weights)
         priors = {
             fusion.POPULARITY: fusion.popularity_prior(
-                np.array([_number(p.get(POPULARITY)) for p in found.payloads])
+                np.array([_number(p.get(POPULARITY)) for p in found.payloads]),
+                np.array([_number(p.get(POPULARITY_AT)) for p in found.payloads]),
+                self._settings.profiles.popularity_half_life_days * 86400.0,
             ),
             fusion.RECENCY: fusion.recency_prior(
                 np.array([_number(p.get(CREATED_AT)) for p in found.payloads]),

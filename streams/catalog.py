@@ -12,6 +12,7 @@ from encoders.base import EncodeError, Encoder
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.media import MediaError, load_media
+from streams.profiles import DAY_S, accumulate, trend
 from streams.records import ItemRecord
 
 
@@ -19,6 +20,7 @@ from streams.records import ItemRecord
 class CatalogItem:
     vectors: dict[str, np.ndarray]
     popularity: float
+    popularity_at: float = 0.0
 
 
 class Catalog:
@@ -29,6 +31,7 @@ class Catalog:
         self.settings = settings
         self.encoders = encoders
         self.collection = settings.qdrant.items_collection
+        self.popularity_half_life_s = settings.profiles.popularity_half_life_days * DAY_S
 
     def encode(self, items: Sequence[ItemRecord]) -> list[dict[str, np.ndarray] | EncodeError]:
         """Vectors per item, one named vector per modality it has; or that item's error.
@@ -76,7 +79,7 @@ class Catalog:
         """
         if not items:
             return
-        kept = {item_id: c.popularity for item_id, c in self.lookup([i.id for i in items]).items()}
+        kept = self.lookup([i.id for i in items])
         points = [
             models.PointStruct(
                 id=store.item_point_id(item.id),
@@ -88,8 +91,8 @@ class Catalog:
                     store.TAGS: list(item.tags),
                     store.ATTRIBUTES: dict(item.attributes),
                     store.CREATED_AT: item.created_at,
-                    store.POPULARITY: kept.get(item.id, 0.0),
                     "modalities": sorted({store.modality_of(n) for n in vecs}),
+                    **self._popularity(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
                 },
             )
             for item, vecs in zip(items, vectors, strict=True)
@@ -115,21 +118,38 @@ class Catalog:
                 if isinstance(p.vector, dict)
                 else {},
                 popularity=float(p.payload.get(store.POPULARITY) or 0.0),
+                popularity_at=float(p.payload.get(store.POPULARITY_AT) or 0.0),
             )
             for p in found
         }
 
-    def add_popularity(self, gains: Mapping[str, float], known: Mapping[str, CatalogItem]) -> None:
-        """Raise popularity counters in one round trip; `known` holds the current values."""
-        ops = [
-            models.SetPayloadOperation(
-                set_payload=models.SetPayload(
-                    payload={store.POPULARITY: known[item_id].popularity + gain},
-                    points=[store.item_point_id(item_id)],
+    def add_popularity(
+        self, gains: Mapping[str, Sequence[tuple[float, float]]], known: Mapping[str, CatalogItem]
+    ) -> None:
+        """Fold (weight, event time) gains into items' decayed popularity in one round trip;
+        `known` holds the current values."""
+        ops = []
+        for item_id, events in gains.items():
+            if item_id not in known or not events:
+                continue
+            value, at = known[item_id].popularity, known[item_id].popularity_at
+            for weight, t in events:
+                value, at = accumulate(value, at, weight, t, self.popularity_half_life_s)
+            ops.append(
+                models.SetPayloadOperation(
+                    set_payload=models.SetPayload(
+                        payload=self._popularity(CatalogItem({}, value, at)),
+                        points=[store.item_point_id(item_id)],
+                    )
                 )
             )
-            for item_id, gain in gains.items()
-            if item_id in known and gain
-        ]
         if ops:
             self.client.batch_update_points(self.collection, update_operations=ops)
+
+    def _popularity(self, item: CatalogItem) -> dict[str, float | None]:
+        """The payload fields popularity lives in: its value, its time and the ordering key."""
+        return {
+            store.POPULARITY: item.popularity,
+            store.POPULARITY_AT: item.popularity_at,
+            store.TREND: trend(item.popularity, item.popularity_at, self.popularity_half_life_s),
+        }

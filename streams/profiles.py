@@ -29,7 +29,38 @@ def event_weight(event_type: str, value: float | None, cfg: ProfileSettings) -> 
 
 
 def decay(age_s: float, half_life_s: float) -> float:
+    """0.5 ** (age / half-life); an infinite half-life never decays."""
     return math.pow(0.5, max(age_s, 0.0) / half_life_s)
+
+
+def _aging(
+    t_ref: float, weight: float, t_event: float, half_life_s: float
+) -> tuple[float, float, float]:
+    """(factor for what was there, weight to add, new reference time) for one decayed event.
+
+    A newer event ages the accumulator to its time; an older one (late, out of order) is itself
+    aged to the accumulator's time, so the result does not depend on arrival order.
+    """
+    if t_event >= t_ref:
+        return decay(t_event - t_ref, half_life_s), weight, t_event
+    return 1.0, weight * decay(t_ref - t_event, half_life_s), t_ref
+
+
+def accumulate(
+    value: float, t_ref: float, weight: float, t_event: float, half_life_s: float
+) -> tuple[float, float]:
+    """`fold` for one number: an item's popularity is its decayed sum of positive weights."""
+    keep, add, t_new = _aging(t_ref, weight, t_event, half_life_s)
+    return value * keep + add, t_new
+
+
+def trend(value: float, t_ref: float, half_life_s: float) -> float | None:
+    """A key that orders items by popularity decayed to any common time (None: no popularity):
+    ln(value * 0.5 ** ((t - t_ref) / h)) = trend - t * ln 2 / h, the same shift for all."""
+    if value <= 0:
+        return None
+    shift = t_ref * math.log(2) / half_life_s if math.isfinite(half_life_s) else 0.0
+    return math.log(value) + shift
 
 
 def fold(
@@ -40,15 +71,9 @@ def fold(
     t_event: float,
     half_life_s: float,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Add one weighted item to the accumulators, in the modalities the item has.
-
-    A newer event ages the whole profile to its time; an older one (late, out of order) is
-    itself aged to the profile's time, so the result does not depend on arrival order.
-    """
-    if t_event >= t_ref:
-        keep, add, t_new = decay(t_event - t_ref, half_life_s), weight, t_event
-    else:
-        keep, add, t_new = 1.0, weight * decay(t_ref - t_event, half_life_s), t_ref
+    """Add one weighted item to the accumulators, in the modalities the item has (the aging
+    of `_aging`: independent of arrival order)."""
+    keep, add, t_new = _aging(t_ref, weight, t_event, half_life_s)
     out = {name: v * keep for name, v in vectors.items()}
     for name, x in item.items():
         x = np.asarray(x, dtype=np.float32)

@@ -103,7 +103,7 @@ class Users:
                 p.remember(e.event_id, e.item_id, self.cfg)
                 fresh.append(e)
             items = self.catalog.lookup({e.item_id for e in fresh}, with_vectors=True)
-            gains: dict[str, float] = {}
+            gains: dict[str, list[tuple[float, float]]] = {}
             for e in fresh:
                 p = profiles[e.user_id]
                 if e.item_id not in items:
@@ -112,7 +112,7 @@ class Users:
                     continue
                 w = self._fold(p, e, items[e.item_id].vectors)
                 if w > 0:
-                    gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+                    gains.setdefault(e.item_id, []).append((w, e.timestamp))
             touched = {e.user_id for e in fresh}
             for u in touched:
                 profiles[u].updated_at = now
@@ -132,7 +132,7 @@ class Users:
                 {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
             )
             expired: list[EventRecord] = []
-            gains: dict[str, float] = {}
+            gains: dict[str, list[tuple[float, float]]] = {}
             for p in held:
                 keep = []
                 for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
@@ -140,7 +140,7 @@ class Users:
                     if e.item_id in items:
                         w = self._fold(p, e, items[e.item_id].vectors)
                         if w > 0:
-                            gains[e.item_id] = gains.get(e.item_id, 0.0) + w
+                            gains.setdefault(e.item_id, []).append((w, e.timestamp))
                     elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
                         expired.append(e)
                     else:

@@ -58,6 +58,14 @@ def test_no_candidates_and_negative_weight() -> None:
 def test_priors() -> None:
     assert popularity_prior(np.array([0.0, np.e - 1, -3.0])) == pytest.approx([0, 1, 0])
     assert popularity_prior(np.zeros(3)) == pytest.approx([0, 0, 0])
+    # Decayed to the newest time among candidates: 4 as of t=0 is 1 as of t=20 (half-life 10),
+    # level with the item that has 1 as of t=20; the ranker's clock plays no part.
+    at = np.array([0.0, 20.0, 5.0])
+    prior = popularity_prior(np.array([4.0, 1.0, 0.0]), at, half_life_s=10.0)
+    assert prior == pytest.approx([1.0, 1.0, 0.0])
+    assert popularity_prior(np.array([4.0, 1.0]), at[:2]) == pytest.approx(
+        [1.0, np.log(2) / np.log(5)]
+    )
     rec = recency_prior(np.array([100.0, 90.0, 200.0, np.nan]), now=100.0, half_life_s=10.0)
     assert rec == pytest.approx([1.0, 0.5, 1.0, 0.0])
     scores, parts = add_priors(

@@ -6,7 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusionrec.settings import ProfileSettings
-from streams.profiles import DAY_S, Profile, decay, event_weight, fold, normalised
+from streams.profiles import (
+    DAY_S,
+    Profile,
+    accumulate,
+    decay,
+    event_weight,
+    fold,
+    normalised,
+    trend,
+)
 
 CFG = ProfileSettings()
 HL = 10 * DAY_S
@@ -90,3 +99,28 @@ def test_profile_remembers_bounded_and_dedupes():
     assert p.already_applied("e4") and not p.already_applied("e0")
     p.remember("e5", "i2", cfg)
     assert p.seen == ["i3", "i4", "i2"]  # re-seen moves to most recent
+
+
+@given(
+    st.lists(st.tuples(st.floats(0.1, 2.0), st.floats(0, 100 * DAY_S)), min_size=1, max_size=8),
+    st.lists(st.tuples(st.floats(0.1, 2.0), st.floats(0, 100 * DAY_S)), min_size=1, max_size=8),
+)
+def test_popularity_trend_orders_as_decayed_popularity(a, b) -> None:
+    """Popularity accumulates as profiles do (order-free); its trend key orders two items as
+    their popularity decayed to one common time does, whatever that time."""
+    items = []
+    for events in (a, b):
+        value, at = 0.0, 0.0
+        for w, t in events:
+            value, at = accumulate(value, at, w, t, HL)
+        shuffled = (0.0, 0.0)
+        for w, t in reversed(events):
+            shuffled = accumulate(*shuffled, w, t, HL)
+        assert shuffled == pytest.approx((value, at), rel=1e-9)
+        items.append((value, at))
+    t_common = 200 * DAY_S
+    now = [v * decay(t_common - at, HL) for v, at in items]
+    keys = [trend(v, at, HL) for v, at in items]
+    if abs(now[0] - now[1]) > 1e-9 * max(now):
+        assert (now[0] > now[1]) == (keys[0] > keys[1])
+    assert trend(0.0, 5.0, HL) is None

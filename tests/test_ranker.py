@@ -24,6 +24,7 @@ from fusionrec.settings import Settings
 from fusionrec.store import ensure_collections, item_point_id, user_point_id
 from serving.client import RankerClient
 from serving.server import RunningRanker, start_server, stop_server
+from streams.profiles import trend
 
 TEXT, IMAGE = "text.t4", "image.i3"
 DAY = 86400.0
@@ -74,6 +75,8 @@ def _fill(client: QdrantClient, settings: Settings) -> None:
                     "attributes": attributes,
                     "created_at": now - age * DAY,
                     "popularity": popularity,
+                    "popularity_at": now,
+                    "trend": trend(popularity, now, 7 * DAY),
                     "modalities": sorted(v.split(".")[0] for v in vectors),
                 },
             )
