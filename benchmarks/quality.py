@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--limit-items", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--no-fit", action="store_true", help="run the stack with settings as given")
     args = ap.parse_args()
     doc = evaluate(
         args.data,
@@ -44,6 +45,7 @@ def main() -> None:
         limit_users=args.limit_users,
         limit_items=args.limit_items,
         seed=args.seed,
+        fit_weights=not args.no_fit,
     )
     print(table(doc["summary"]))
     for key, bar in doc["bars"].items():

@@ -248,6 +248,9 @@ def eval_(
     limit_users: Annotated[int | None, typer.Option(min=1, help="Development subset.")] = None,
     limit_items: Annotated[int | None, typer.Option(min=1, help="Development subset.")] = None,
     seed: int = 0,
+    fit: Annotated[
+        bool, typer.Option(help="Fit the ranker's weights on each protocol's history first.")
+    ] = True,
     config: Config = None,
 ) -> None:
     """Replay a data set through the real path (topics, agents, ranker) and score the rankings."""
@@ -267,12 +270,55 @@ def eval_(
             limit_users=limit_users,
             limit_items=limit_items,
             seed=seed,
+            fit_weights=fit,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     console.print(table(doc["summary"]))
     console.print(f"report: {out / 'report.md'}")
     print(last_line(doc["summary"]))
+
+
+@app.command()
+def fit(
+    data: Annotated[
+        Path,
+        typer.Option(
+            exists=True, file_okay=False, help="A MovieLens-style folder (items.csv, ratings.tsv)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Settings file (TOML) to write.")] = Path("fitted.toml"),
+    protocol: Annotated[
+        str, typer.Option(help="Hold out like A (the latest positives) or B (cold items).")
+    ] = "A",
+    seed: int = 0,
+    config: Config = None,
+) -> None:
+    """Fit the ranker's popularity half-life and weight and its modality weights on history."""
+    from fusionrec import fitting
+    from fusionrec.evaluation import Dataset, encode_items, item_docs
+
+    if protocol.upper() not in ("A", "B"):
+        raise typer.BadParameter("--protocol is A or B")
+    settings = load_settings(config, media={"root": data.resolve()})
+    ds = Dataset.load(data.resolve())
+    v = encode_items(item_docs(ds), settings, settings.data_dir / "fit-cache" / "items.npz")
+    try:
+        result = fitting.fit(
+            ds.ratings,
+            v.ids,
+            v.vectors,
+            v.present,
+            settings,
+            protocol.upper(),
+            seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    out.write_text(result.toml())
+    for label, ndcg in result.ablation():
+        console.print(f"{label:<50} held-out NDCG@20 {ndcg:.4f}")
+    console.print(f"wrote {out}: run with --config {out} (or merge it into yours)")
 
 
 @app.command("export-encoders")

@@ -40,8 +40,38 @@ class Fit:
     settings: dict[str, dict[str, Any]]
     ndcg: float
     default_ndcg: float
+    best: dict[str, Any] = field(default_factory=dict)  # the chosen row of the grid
     rows: list[dict[str, Any]] = field(default_factory=list)
     validation_users: int = 0
+
+    def ablation(self) -> list[tuple[str, float]]:
+        """Held-out NDCG@20 with each fitted part taken away (the rest kept as fitted)."""
+        best = self.best
+
+        def without(**fixed: float) -> float:
+            rows = [r for r in self.rows if all(r[k] == v for k, v in fixed.items())]
+            return max((r["ndcg@20"] for r in rows), default=math.nan)
+
+        return [
+            ("settings as given (not fitted)", self.default_ndcg),
+            ("fitted: all parts", self.ndcg),
+            (
+                "without trending popularity (all-time sum)",
+                without(popularity_half_life_days=math.inf, image_to_text=best["image_to_text"]),
+            ),
+            (
+                "without popularity (weight 0)",
+                without(popularity_weight=0.0, image_to_text=best["image_to_text"]),
+            ),
+            (
+                "without fitted modality weights (image = text)",
+                without(
+                    image_to_text=1.0,
+                    popularity_half_life_days=best["popularity_half_life_days"],
+                    popularity_weight=best["popularity_weight"],
+                ),
+            ),
+        ]
 
     def env(self) -> dict[str, str]:
         """The same as FUSIONREC_* variables, for a stack started as a child process."""
@@ -159,7 +189,7 @@ def fit(
             "modality_weights": _modality_weights(base, best["image_to_text"]),
         },
     }
-    return Fit(protocol, chosen, best["ndcg@20"], default, rows, len(users))
+    return Fit(protocol, chosen, best["ndcg@20"], default, best, rows, len(users))
 
 
 def _modality_weights(base: dict[str, float], image_to_text: float) -> dict[str, float]:
