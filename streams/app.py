@@ -213,6 +213,7 @@ def create_app(
         # Created up front: a first send that has to auto-create the topic stalled on Tansu.
         await dead_letters.maybe_declare()
         users.recover_holding()
+        users.recover_outboxes()
         if k.embedded:
             await _shorten_fetch_wait(app)
 

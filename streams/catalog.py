@@ -15,12 +15,19 @@ from streams.media import MediaError, load_media
 from streams.profiles import DAY_S, accumulate, trend
 from streams.records import ItemRecord
 
+POPULARITY_BATCHES = "popularity_batches"
+# A redelivery comes within a few batches of the first (a crash, then a restart), and an item
+# sees at most one delivery per batch: the last 64 tokens cover it.
+KEPT_BATCHES = 64
+
 
 @dataclass(frozen=True)
 class CatalogItem:
     vectors: dict[str, np.ndarray]
     popularity: float
     popularity_at: float = 0.0
+    # Tokens of the latest batches folded into the popularity: a batch delivered again is refused.
+    batches: tuple[str, ...] = ()
 
 
 class Catalog:
@@ -119,26 +126,32 @@ class Catalog:
                 else {},
                 popularity=float(p.payload.get(store.POPULARITY) or 0.0),
                 popularity_at=float(p.payload.get(store.POPULARITY_AT) or 0.0),
+                batches=tuple(p.payload.get(POPULARITY_BATCHES) or ()),
             )
             for p in found
         }
 
     def add_popularity(
-        self, gains: Mapping[str, Sequence[tuple[float, float]]], known: Mapping[str, CatalogItem]
+        self,
+        gains: Mapping[str, Sequence[Sequence[float]]],
+        known: Mapping[str, CatalogItem],
+        token: str,
     ) -> None:
-        """Fold (weight, event time) gains into items' decayed popularity in one round trip;
-        `known` holds the current values."""
+        """Fold one batch's (weight, event time) gains into items' decayed popularity, in one
+        round trip; `known` holds the current values. Items that already took `token` skip it."""
         ops = []
         for item_id, events in gains.items():
-            if item_id not in known or not events:
+            item = known.get(item_id)
+            if item is None or not events or token in item.batches:
                 continue
-            value, at = known[item_id].popularity, known[item_id].popularity_at
+            value, at = item.popularity, item.popularity_at
             for weight, t in events:
                 value, at = accumulate(value, at, weight, t, self.popularity_half_life_s)
+            batches = (*item.batches, token)[-KEPT_BATCHES:]
             ops.append(
                 models.SetPayloadOperation(
                     set_payload=models.SetPayload(
-                        payload=self._popularity(CatalogItem({}, value, at)),
+                        payload=self._popularity(CatalogItem({}, value, at, batches)),
                         points=[store.item_point_id(item_id)],
                     )
                 )
@@ -152,4 +165,5 @@ class Catalog:
             store.POPULARITY: item.popularity,
             store.POPULARITY_AT: item.popularity_at,
             store.TREND: trend(item.popularity, item.popularity_at, self.popularity_half_life_s),
+            POPULARITY_BATCHES: list(item.batches),
         }

@@ -103,6 +103,10 @@ class Profile:
     # Events whose item had not arrived yet ({"held_at", "event"}), applied when it does.
     pending: list[dict] = field(default_factory=list)
     updated_at: float = 0.0
+    # Popularity this user's last batch owes its items ({"token", "gains": {item: [[w, t]]}}),
+    # saved with the profile and cleared once delivered: a crash in between cannot lose it, and
+    # the token keeps a second delivery from counting twice.
+    outbox: dict | None = None
 
     def remember(self, event_id: str, item_id: str, cfg: ProfileSettings) -> None:
         """Record an accepted event (applied or held): its id for dedupe, its item as seen."""

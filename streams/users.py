@@ -11,8 +11,9 @@ where users are partitioned across workers by the events topic's key (the user i
 from __future__ import annotations
 
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,9 +21,12 @@ from qdrant_client import QdrantClient, models
 
 from fusionrec import store
 from fusionrec.settings import Settings
-from streams.catalog import Catalog
+from streams.catalog import Catalog, CatalogItem
 from streams.profiles import DAY_S, Profile, event_weight, fold
 from streams.records import EventRecord
+
+# Popularity owed per user: {user_id: {item_id: [[weight, event time], ...]}}
+Gains = dict[str, dict[str, list[list[float]]]]
 
 
 class Users:
@@ -71,20 +75,25 @@ class Users:
 
     def recover_holding(self) -> None:
         """After a restart: find the stored profiles that hold events (one scan, at start-up)."""
+        self.holding.update(
+            self._scan(models.IsEmptyCondition(is_empty=models.PayloadField(key="pending")))
+        )
+
+    def _scan(self, absent: models.Condition) -> list[str]:
+        """Ids of the stored users for whom `absent` does not hold."""
+        out: list[str] = []
         offset = None
         while True:
             points, offset = self.client.scroll(
                 self.collection,
-                scroll_filter=models.Filter(
-                    must_not=[models.IsEmptyCondition(is_empty=models.PayloadField(key="pending"))]
-                ),
+                scroll_filter=models.Filter(must_not=[absent]),
                 limit=256,
                 offset=offset,
                 with_payload=["user_id"],
             )
-            self.holding.update(p.payload["user_id"] for p in points)
+            out.extend(p.payload["user_id"] for p in points)
             if offset is None:
-                break
+                return out
 
     # -- events -------------------------------------------------------------------------------
     def apply(self, events: Sequence[EventRecord]) -> int:
@@ -94,6 +103,7 @@ class Users:
         """
         profiles = self.load(e.user_id for e in events)
         with self._store_is_truth(profiles):
+            self._deliver([p for p in profiles.values() if p.outbox])  # left by a crash
             fresh: list[EventRecord] = []
             now = time.time()
             for e in sorted(events, key=lambda e: e.timestamp):
@@ -103,21 +113,18 @@ class Users:
                 p.remember(e.event_id, e.item_id, self.cfg)
                 fresh.append(e)
             items = self.catalog.lookup({e.item_id for e in fresh}, with_vectors=True)
-            gains: dict[str, list[tuple[float, float]]] = {}
+            gains: Gains = {}
             for e in fresh:
                 p = profiles[e.user_id]
                 if e.item_id not in items:
                     p.pending.append({"held_at": now, "event": e.model_dump(mode="json")})
                     self.holding.add(e.user_id)
                     continue
-                w = self._fold(p, e, items[e.item_id].vectors)
-                if w > 0:
-                    gains.setdefault(e.item_id, []).append((w, e.timestamp))
-            touched = {e.user_id for e in fresh}
-            for u in touched:
-                profiles[u].updated_at = now
-            self.save(profiles[u] for u in touched)
-            self.catalog.add_popularity(gains, items)
+                self._fold(p, e, items[e.item_id].vectors, gains)
+            touched = [profiles[u] for u in dict.fromkeys(e.user_id for e in fresh)]
+            for p in touched:
+                p.updated_at = now
+            self._commit(touched, gains, items)
         return len(fresh)
 
     def retry_pending(self, now: float | None = None) -> list[EventRecord]:
@@ -128,26 +135,24 @@ class Users:
             return []
         held = list(self.load(self.holding).values())
         with self._store_is_truth(p.user_id for p in held):
+            self._deliver([p for p in held if p.outbox])
             items = self.catalog.lookup(
                 {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
             )
             expired: list[EventRecord] = []
-            gains: dict[str, list[tuple[float, float]]] = {}
+            gains: Gains = {}
             for p in held:
                 keep = []
                 for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
                     e = EventRecord.model_validate(held_event["event"])
                     if e.item_id in items:
-                        w = self._fold(p, e, items[e.item_id].vectors)
-                        if w > 0:
-                            gains.setdefault(e.item_id, []).append((w, e.timestamp))
+                        self._fold(p, e, items[e.item_id].vectors, gains)
                     elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
                         expired.append(e)
                     else:
                         keep.append(held_event)
                 p.pending = keep
-            self.save(held)
-            self.catalog.add_popularity(gains, items)
+            self._commit(held, gains, items)
             self.holding.difference_update(p.user_id for p in held if not p.pending)
         return expired
 
@@ -162,13 +167,62 @@ class Users:
                 self.cache.pop(u, None)
             raise
 
-    def _fold(self, p: Profile, e: EventRecord, item_vectors: dict[str, np.ndarray]) -> float:
+    def _fold(
+        self, p: Profile, e: EventRecord, item_vectors: dict[str, np.ndarray], gains: Gains
+    ) -> None:
+        """Fold the event into the profile; a positive one also owes its item popularity."""
         w = event_weight(e.type, e.value, self.cfg)
         if w:
             p.vectors, p.t_ref = fold(
                 p.vectors, p.t_ref, item_vectors, w, e.timestamp, self.half_life_s
             )
-        return w
+        if w > 0:
+            gains.setdefault(p.user_id, {}).setdefault(e.item_id, []).append([w, e.timestamp])
+
+    # -- popularity, exactly once -------------------------------------------------------------
+    def _commit(self, touched: list[Profile], gains: Gains, items: dict[str, CatalogItem]) -> None:
+        """Save the profiles with the popularity they owe, then deliver it.
+
+        A crash after the save leaves the debt in the stored profiles (delivered on the user's
+        next batch or at start-up); a crash after the delivery but before the outboxes are
+        cleared delivers again under the same token, which the items refuse.
+        """
+        token = uuid.uuid4().hex
+        for p in touched:
+            owed = gains.get(p.user_id)
+            p.outbox = {"token": token, "gains": owed} if owed else None
+        self.save(touched)
+        self._deliver([p for p in touched if p.outbox], items)
+
+    def _deliver(
+        self, owing: Sequence[Profile], items: Mapping[str, CatalogItem] | None = None
+    ) -> None:
+        if not owing:
+            return
+        by_token: dict[str, dict[str, list]] = {}
+        for p in owing:
+            assert p.outbox is not None
+            merged = by_token.setdefault(p.outbox["token"], {})
+            for item_id, events in p.outbox["gains"].items():
+                merged.setdefault(item_id, []).extend(events)
+        if items is None:
+            items = self.catalog.lookup({i for g in by_token.values() for i in g})
+        for token, merged in by_token.items():
+            self.catalog.add_popularity(merged, items, token)
+        self.client.set_payload(
+            self.collection,
+            payload={"outbox": None},
+            points=[store.user_point_id(p.user_id) for p in owing],
+        )
+        for p in owing:
+            p.outbox = None
+
+    def recover_outboxes(self) -> None:
+        """After a restart: deliver the popularity that profiles still owe (one scan)."""
+        owing = self._scan(models.IsNullCondition(is_null=models.PayloadField(key="outbox")))
+        for start in range(0, len(owing), 256):
+            profiles = self.load(owing[start : start + 256])
+            self._deliver([p for p in profiles.values() if p.outbox])
 
 
 def _to_point(p: Profile) -> models.PointStruct:
@@ -182,6 +236,7 @@ def _to_point(p: Profile) -> models.PointStruct:
             "recent_event_ids": p.recent_event_ids,
             "pending": p.pending,
             "updated_at": p.updated_at,
+            "outbox": p.outbox,
         },
     )
 
@@ -197,4 +252,5 @@ def _from_point(point: models.Record) -> Profile:
         recent_event_ids=list(payload.get("recent_event_ids", [])),
         pending=list(payload.get("pending", [])),
         updated_at=float(payload.get("updated_at", 0.0)),
+        outbox=payload.get("outbox") or None,
     )

@@ -114,6 +114,58 @@ def test_a_failed_store_write_applies_nothing_and_a_retry_applies_once(state, mo
     assert catalog.lookup(["a"])["a"].popularity == 1.0
 
 
+class Killed(Exception):
+    """Stands for SIGKILL at one point of a batch (the real kill is in test_chaos)."""
+
+
+def _owing(client) -> int:
+    points, _ = client.scroll("users", with_payload=["outbox"], limit=100)
+    return sum(1 for p in points if p.payload.get("outbox"))
+
+
+@pytest.mark.parametrize("where", ["before delivery", "after delivery, before clearing"])
+def test_popularity_counts_once_whatever_a_crash_interrupts(state, monkeypatch, where):
+    settings, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    add_item(catalog, "b", [0, 1, 0])
+    batch = [event("e1", "a"), event("e2", "b", user="v"), event("e3", "a", user="v")]
+    if where == "before delivery":
+        target, name = catalog, "add_popularity"
+    else:
+        target, name = client, "set_payload"
+
+    def crash(*args, **kwargs):
+        raise Killed(where)
+
+    monkeypatch.setattr(target, name, crash)
+    with pytest.raises(Killed):
+        users.apply(batch)
+    monkeypatch.undo()
+    assert _owing(client) == 2  # the debt was saved with the profiles
+    # A restart: the debt is delivered once, and the replayed batch is a duplicate.
+    again = Users(client, settings, Catalog(client, settings, encoders={}))
+    again.recover_outboxes()
+    assert _owing(client) == 0
+    assert again.apply(batch) == 0
+    found = catalog.lookup(["a", "b"])
+    assert found["a"].popularity == pytest.approx(2.0)
+    assert found["b"].popularity == pytest.approx(1.0)
+
+
+def test_a_debt_left_behind_is_paid_on_the_users_next_batch(state, monkeypatch):
+    _, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    monkeypatch.setattr(catalog, "add_popularity", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        users.apply([event("e1", "a")])
+    monkeypatch.undo()
+    users.cache.clear()
+    assert users.apply([event("e2", "a", t=200.0)]) == 1
+    assert _owing(client) == 0
+    item = catalog.lookup(["a"])["a"]
+    assert (item.popularity, item.popularity_at) == pytest.approx((2.0, 200.0), rel=1e-3)
+
+
 def test_what_counts_as_the_store_being_away():
     import grpc
     from qdrant_client.http.exceptions import UnexpectedResponse
