@@ -41,6 +41,10 @@ console = Console(stderr=True)
 T = TypeVar("T")
 K = p.K
 PEERS = ("most-popular", "bpr", "vbpr", "content")
+# Protocol C also runs these retrained every day (VBPR is left out: ~1 min a training here).
+DAILY = ("most-popular", "bpr", "content")
+DAILY_SUFFIX = " (daily)"
+DAY_S = 86_400.0
 # Modalities a MovieLens-style data set carries; the stack and the content baseline use these.
 DATA_MODALITIES = ("text", "image")
 COLD = "cold"
@@ -589,14 +593,18 @@ class Evaluation:
             )
         return self._vectors
 
-    def _peers(self, history: Sequence[p.Rating]) -> list[Peer]:
-        if not self.peer_names:
+    def _peers(
+        self, history: Sequence[p.Rating], names: Sequence[str] | None = None, suffix: str = ""
+    ) -> list[Peer]:
+        names = self.peer_names if names is None else names
+        if not names:
             return []
-        needs = {"content", "vbpr"} & set(self.peer_names)
+        needs = {"content", "vbpr"} & set(names)
         items = self.vectors() if needs else ItemVectors(self.ds.item_ids, {}, {})
-        peers = build_peers(self.peer_names, items, self.settings, self.seed)
+        peers = build_peers(names, items, self.settings, self.seed)
         for peer in peers:
-            with console.status(f"training {peer.name} on history"):
+            peer.name += suffix
+            with console.status(f"training {peer.name} on {len(history)} ratings"):
                 peer.fit(history)
         return peers
 
@@ -671,7 +679,7 @@ class Evaluation:
             if do_a:
                 self._static("A", split, peers, stack, None, cold, returning)
             if do_c:
-                self._prequential(split, peers, stack)
+                self._prequential(split, peers, [n for n in DAILY if n in self.peer_names], stack)
 
     def _run_b(self) -> None:
         split = p.protocol_b(self.ds.ratings, self.seed)
@@ -721,9 +729,14 @@ class Evaluation:
             for model, r in rankings.items()
         }
 
-    def _prequential(self, split: p.Split, peers: list[Peer], stack: EmbeddedStack) -> None:
+    def _prequential(
+        self, split: p.Split, peers: list[Peer], daily_names: list[str], stack: EmbeddedStack
+    ) -> None:
         """Protocol C: before each (sampled) test positive ask every model for the user's top
-        20, excluding what the user has rated so far; then publish the event and go on."""
+        20, excluding what the user has rated so far; then publish the event and go on.
+
+        Static peers were trained on history once; the daily ones (`daily_names`) are trained
+        again at the first question of each day (UTC), on every rating before it."""
         ids = self.ds.item_ids
         index = {i: j for j, i in enumerate(ids)}
         test = split.test
@@ -747,7 +760,13 @@ class Evaluation:
             if r.item in index:
                 rated[r.user][index[r.item]] = True
         pop, first = p.popularity_counts(split.history), p.first_seen(split.history)
-        models = ["fusionrec", *(q.name for q in peers)]
+        daily: list[Peer] = []
+        day: int | None = None
+        models = [
+            "fusionrec",
+            *(q.name for q in peers),
+            *(f"{n}{DAILY_SUFFIX}" for n in daily_names),
+        ]
         rows: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
         cache: dict[tuple[str, str], np.ndarray] = {}
         buffer: list[dict[str, Any]] = []
@@ -768,7 +787,13 @@ class Evaluation:
                     unsynced.clear()
                 ranked = {"fusionrec": stack.rank(r.user)}
                 allowed = ~rated[r.user]
-                for peer in peers:
+                if daily_names and int((r.ts or 0.0) // DAY_S) != day:
+                    day = int((r.ts or 0.0) // DAY_S)
+                    daily = self._peers([*split.history, *test[:j]], daily_names, DAILY_SUFFIX)
+                    cache = {
+                        key: v for key, v in cache.items() if not key[0].endswith(DAILY_SUFFIX)
+                    }
+                for peer in (*peers, *daily):
                     key = (peer.name, r.user)
                     if key not in cache:
                         cache[key] = peer.scores(r.user)
@@ -822,14 +847,28 @@ class Evaluation:
         return out
 
     def bars(self, summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-        """fusionrec's NDCG@20 over the best peer's, per protocol (issue 5's bar: >= 1.10)."""
+        """fusionrec's NDCG@20 over the best peer's, per protocol. Issue 5's bars: >= 1.10 on A
+        and B cold-only, >= 1.0 on B all items; on C >= 1.25 over the best static peer and
+        > 1.0 over the best daily-retrained one."""
+        wanted = {"protocol_b_all_items": 1.0, "protocol_c": 1.25}
         out = {}
         for key, models in summary.items():
-            peers = {m: v["ndcg@20"] for m, v in models.items() if m != "fusionrec"}
-            if peers and "fusionrec" in models:
+            groups = {"": lambda m: not m.endswith(DAILY_SUFFIX)}
+            if key == "protocol_c":
+                groups["_daily"] = lambda m: m.endswith(DAILY_SUFFIX)
+            for label, keep in groups.items():
+                peers = {m: v["ndcg@20"] for m, v in models.items() if m != "fusionrec" and keep(m)}
+                if not peers or "fusionrec" not in models:
+                    continue
                 best = max(peers, key=lambda m: peers[m])
                 ratio = models["fusionrec"]["ndcg@20"] / peers[best] if peers[best] else math.inf
-                out[key] = {"best_peer": best, "ratio": round(ratio, 3), "meets_1.10": ratio >= 1.1}
+                bar = 1.0 if label else wanted.get(key, 1.1)
+                out[key + label] = {
+                    "best_peer": best,
+                    "ratio": round(ratio, 3),
+                    "bar": bar,
+                    "meets": ratio > bar if label else ratio >= bar,
+                }
         return out
 
     def report(self) -> dict[str, Any]:
@@ -973,7 +1012,9 @@ METHOD = """\
   the settings' fixed modality weights); no positive in history: most-popular. Its item vectors
   are computed in-process with the stack's encoders and content path (the stack's Qdrant local
   mode is locked by its process).
-- Peers are static (trained once on history); protocol C has no daily-retrained row yet.
+- Peers are static (trained once on history). Protocol C adds "(daily)" rows: most-popular,
+  BPR and content trained again at the first question of each day (UTC) on every rating
+  before it; VBPR is not (about a minute a training here).
   Peers' ties (items a model cannot score) are broken by a seeded random order, not by id.
 - Recall@20 = hits / all test positives of the user; NDCG@20 binary, ideal over
   min(20, positives); MRR@20 = 1 / rank of the first hit. Protocol C: per test positive.

@@ -152,6 +152,8 @@ def test_fusionrec_eval_end_to_end(tmp_path: Path) -> None:
     a = report["protocols"]["A"]["models"]["fusionrec"]["all"]
     assert a["users"] > 0 and 0.0 <= a["ndcg@20"] <= 1.0
     assert (out / "report.md").is_file() and list(out.glob("*.png"))
+    assert "most-popular (daily)" in report["summary"]["protocol_c"]
+    assert "protocol_c_daily" in report["bars"]
     # Each stack ran with weights fitted on its own protocol's history.
     assert set(report["fitted"]) == {"A", "B"}, report["notes"]
     assert "fitted: all parts" in report["fitted"]["A"]["ablation_ndcg@20"]
