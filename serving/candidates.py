@@ -9,7 +9,7 @@ Two choices keep a request cheap on Qdrant local mode, which evaluates filters a
 point by point in Python (a Recommend over 10k items took ~650 ms with them in every request):
 excluded ids (what the user has seen) are dropped here from an over-fetched answer rather than
 sent as a `HasId` filter, and the fresh and popular lists, the same for every user, are reused
-for a fraction of a second (`PriorCache`).
+for a few seconds (`PriorCache`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class PriorCache:
     """The fresh and popular lists per filter, reused for `ttl_s` seconds.
 
     They do not depend on the user, and computing one is a scan of the whole collection in local
-    mode (~50 ms at 10k items). A new item joins the fresh list at most `ttl_s` late; vector
+    mode (~65 ms at 10k items). A new item joins the fresh list at most `ttl_s` late; vector
     search finds it at once. Entries are replaced whole, so threads sharing a cache at worst
     compute a list twice.
     """
