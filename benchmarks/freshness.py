@@ -42,6 +42,7 @@ from benchmarks._common import (  # noqa: E402
     table,
 )
 from fusionrec.demo import THEMES, make_item  # noqa: E402
+from fusionrec.settings import Settings  # noqa: E402
 from serving.client import RankerClient  # noqa: E402
 
 
@@ -142,6 +143,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to keep it working")
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate and for events")
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="run the encoders on onnxruntime from this folder (exported there first if empty)",
+    )
     args = parser.parse_args()
     rates = (10.0, 50.0, 200.0)
     if args.quick:
@@ -154,6 +161,14 @@ def main() -> None:
     counts = [max(2, int(r * args.seconds)) for r in rates]
     originals = {r: twins(media, rng, f"r{int(r)}", n) for r, n in zip(rates, counts, strict=True)}
     env = {"FUSIONREC_MEDIA__ROOT": str(media)}
+    backend = "torch"
+    if args.onnx is not None:
+        if not list(args.onnx.glob("*.onnx")):
+            from encoders.onnx import export_all
+
+            print(export_all(Settings().encoders, args.onnx), flush=True)
+        env["FUSIONREC_ENCODERS__ONNX_DIR"] = str(args.onnx.resolve())
+        backend = f"onnxruntime ({args.onnx})"
     results: dict[float, dict[str, Any]] = {}
     with running_stack(root, env) as (child, settings):
         ranker = RankerClient(child.target, timeout=30)
@@ -201,7 +216,10 @@ def main() -> None:
         ]
     )
     table(["what", "n", "p50 ms", "p99 ms", "max ms"], rows)
-    print(f"default encoders (text, image, audio enabled); peak RSS {rss} MB\n", flush=True)
+    print(
+        f"default encoders (text, image, audio enabled) on {backend}; peak RSS {rss} MB\n",
+        flush=True,
+    )
     last_line(
         {
             "publish_to_recommendable_p99_ms": results[50.0]["p99"],
@@ -211,6 +229,7 @@ def main() -> None:
             "event_to_effect_p50_ms": effect["p50"],
             "event_to_effect": effect,
             "peak_rss_mb": rss,
+            "encoders": backend,
         }
     )
 
