@@ -76,6 +76,8 @@ class QdrantSettings(_Section):
     api_key_file: Path | None = None
     items_collection: str = "items"
     users_collection: str = "users"
+    # Bookkeeping without vectors (the popularity delivery ledger).
+    meta_collection: str = "fusionrec_meta"
 
     @model_validator(mode="after")
     def _secrets(self) -> QdrantSettings:

@@ -36,6 +36,10 @@ def user_point_id(user_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"user:{user_id}"))
 
 
+def ledger_point_id(epoch: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"ledger:{epoch}"))
+
+
 def modality_of(vector_name: str) -> str:
     """`text.minilm-l6-v2` -> `text`: a vector name is `<modality>.<encoder name>`."""
     return vector_name.split(".", 1)[0]
@@ -73,6 +77,8 @@ def ensure_collections(client: QdrantClient, settings: Settings, dims: Mapping[s
         settings.qdrant.items_collection: models.Distance.COSINE,
         settings.qdrant.users_collection: models.Distance.DOT,
     }
+    if not client.collection_exists(settings.qdrant.meta_collection):
+        client.create_collection(settings.qdrant.meta_collection, vectors_config={})
     for name, distance in layouts.items():
         wanted = {v: models.VectorParams(size=d, distance=distance) for v, d in dims.items()}
         if client.collection_exists(name):

@@ -42,6 +42,11 @@ class Users:
         self.half_life_s = self.cfg.half_life_days * DAY_S
         # Users whose profile holds events for items that have not arrived yet.
         self.holding: set[str] = set()
+        # Popularity is delivered under tokens "<epoch>:<n>": this process and its n-th batch.
+        self.meta = settings.qdrant.meta_collection
+        self.epoch = uuid.uuid4().hex
+        self.seq = 0
+        self.ledger: dict[str, int] | None = None  # epoch -> last batch delivered; read lazily
 
     # -- state --------------------------------------------------------------------------------
     def load(self, user_ids: Iterable[str]) -> dict[str, Profile]:
@@ -76,12 +81,15 @@ class Users:
     def recover_holding(self) -> None:
         """After a restart: find the stored profiles that hold events (one scan, at start-up)."""
         self.holding.update(
-            self._scan(models.IsEmptyCondition(is_empty=models.PayloadField(key="pending")))
+            p["user_id"]
+            for p in self._scan(
+                models.IsEmptyCondition(is_empty=models.PayloadField(key="pending")), ["user_id"]
+            )
         )
 
-    def _scan(self, absent: models.Condition) -> list[str]:
-        """Ids of the stored users for whom `absent` does not hold."""
-        out: list[str] = []
+    def _scan(self, absent: models.Condition, fields: list[str]) -> list[dict]:
+        """Those payload fields of the stored users for whom `absent` does not hold."""
+        out: list[dict] = []
         offset = None
         while True:
             points, offset = self.client.scroll(
@@ -89,9 +97,9 @@ class Users:
                 scroll_filter=models.Filter(must_not=[absent]),
                 limit=256,
                 offset=offset,
-                with_payload=["user_id"],
+                with_payload=fields,
             )
-            out.extend(p.payload["user_id"] for p in points)
+            out.extend(p.payload or {} for p in points)
             if offset is None:
                 return out
 
@@ -103,7 +111,7 @@ class Users:
         """
         profiles = self.load(e.user_id for e in events)
         with self._store_is_truth(profiles):
-            self._deliver([p for p in profiles.values() if p.outbox])  # left by a crash
+            self._deliver([p for p in profiles.values() if self._owes(p)])  # left by a crash
             fresh: list[EventRecord] = []
             now = time.time()
             for e in sorted(events, key=lambda e: e.timestamp):
@@ -135,7 +143,7 @@ class Users:
             return []
         held = list(self.load(self.holding).values())
         with self._store_is_truth(p.user_id for p in held):
-            self._deliver([p for p in held if p.outbox])
+            self._deliver([p for p in held if self._owes(p)])
             items = self.catalog.lookup(
                 {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True
             )
@@ -183,16 +191,35 @@ class Users:
     def _commit(self, touched: list[Profile], gains: Gains, items: dict[str, CatalogItem]) -> None:
         """Save the profiles with the popularity they owe, then deliver it.
 
-        A crash after the save leaves the debt in the stored profiles (delivered on the user's
-        next batch or at start-up); a crash after the delivery but before the outboxes are
-        cleared delivers again under the same token, which the items refuse.
+        A crash after the save leaves the debt in the stored profiles, paid on the user's next
+        batch or at start-up. Whether a debt is paid is told by the ledger: deliveries run in
+        order, so it keeps per process (epoch) only the last batch number delivered, one write
+        a batch. A crash between delivery and ledger delivers again under the same token, which
+        the items refuse.
         """
-        token = uuid.uuid4().hex
+        self.seq += 1
+        token = f"{self.epoch}:{self.seq}"
         for p in touched:
             owed = gains.get(p.user_id)
             p.outbox = {"token": token, "gains": owed} if owed else None
         self.save(touched)
         self._deliver([p for p in touched if p.outbox], items)
+
+    def _owes(self, p: Profile) -> bool:
+        if not p.outbox:
+            return False
+        epoch, _, seq = str(p.outbox["token"]).partition(":")
+        return int(seq or 0) > self._ledger().get(epoch, -1)
+
+    def _ledger(self) -> dict[str, int]:
+        if self.ledger is None:
+            points, _ = self.client.scroll(self.meta, limit=1_000_000, with_payload=True)
+            self.ledger = {
+                p.payload["epoch"]: int(p.payload["delivered"])
+                for p in points
+                if p.payload and "epoch" in p.payload
+            }
+        return self.ledger
 
     def _deliver(
         self, owing: Sequence[Profile], items: Mapping[str, CatalogItem] | None = None
@@ -207,22 +234,38 @@ class Users:
                 merged.setdefault(item_id, []).extend(events)
         if items is None:
             items = self.catalog.lookup({i for g in by_token.values() for i in g})
+        ledger = self._ledger()
+        changed: dict[str, int] = {}
         for token, merged in by_token.items():
             self.catalog.add_popularity(merged, items, token)
-        self.client.set_payload(
-            self.collection,
-            payload={"outbox": None},
-            points=[store.user_point_id(p.user_id) for p in owing],
+            epoch, _, seq = token.partition(":")
+            changed[epoch] = max(int(seq or 0), changed.get(epoch, -1), ledger.get(epoch, -1))
+        self.client.upsert(
+            self.meta,
+            points=[
+                models.PointStruct(
+                    id=store.ledger_point_id(epoch),
+                    vector={},
+                    payload={"epoch": epoch, "delivered": seq},
+                )
+                for epoch, seq in changed.items()
+            ],
         )
-        for p in owing:
-            p.outbox = None
+        ledger.update(changed)
 
     def recover_outboxes(self) -> None:
         """After a restart: deliver the popularity that profiles still owe (one scan)."""
-        owing = self._scan(models.IsNullCondition(is_null=models.PayloadField(key="outbox")))
+        owing = [
+            payload["user_id"]
+            for payload in self._scan(
+                models.IsEmptyCondition(is_empty=models.PayloadField(key="outbox")),
+                ["user_id", "outbox"],
+            )
+            if self._owes(Profile(user_id=payload["user_id"], outbox=payload.get("outbox")))
+        ]
         for start in range(0, len(owing), 256):
             profiles = self.load(owing[start : start + 256])
-            self._deliver([p for p in profiles.values() if p.outbox])
+            self._deliver([p for p in profiles.values() if self._owes(p)])
 
 
 def _to_point(p: Profile) -> models.PointStruct:
