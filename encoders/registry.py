@@ -7,8 +7,8 @@ Which model each setting gives:
 - image_model: "mobilenet_v2" (packaged ImageNet weights, 1280-d) or "open_clip:<arch>" with
   image_checkpoint (None: seeded random init, for tests);
 - audio_model: "aisfx" (512-d).
-Video is not encoded yet: it needs a decoder (PyAV, `av` on PyPI, installs here) to sample
-key frames into the image encoder and the sound track into the audio encoder.
+Video has no encoder of its own: streams/video.py (PyAV) turns it into key frames for the image
+encoder and a sound track for the audio encoder.
 An encoder whose `<vector name>.onnx` is in `onnx_dir` (see encoders/onnx.py) runs on
 onnxruntime instead of torch, under the same name and with the same vectors.
 """

@@ -114,6 +114,8 @@ class MediaSettings(_Section):
     max_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
+    # Key frames of a video (evenly spread) whose image vectors are averaged into the item's.
+    video_frames: int = Field(8, ge=1, le=64)
 
 
 class ProfileSettings(_Section):

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from encoders.base import EncodeError, Encoder
+from encoders.base import EncodeError, Encoder, l2_normalise
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.media import MediaError, load_media
 from streams.profiles import DAY_S, accumulate, trend
 from streams.records import ItemRecord
+from streams.video import Clip, split_video
 
 POPULARITY_BATCHES = "popularity_batches"
 # A redelivery comes within a few batches of the first (a crash, then a restart), and an item
@@ -45,39 +46,61 @@ class Catalog:
 
         Blocking (media I/O and model inference): the agent runs it in an executor thread.
         An item with a modality that fails is refused whole rather than stored half-encoded.
+        A modality given as several pieces (a video's key frames) gets their mean vector.
         """
         out: list[dict[str, np.ndarray] | EncodeError] = [{} for _ in items]
+        clips: dict[int, Clip] = {}
         for modality, encoder in self.encoders.items():
-            idx, contents = [], []
+            owner, contents = [], []
             for i, item in enumerate(items):
                 if isinstance(out[i], EncodeError):
                     continue
                 try:
-                    content = self._content(item, modality)
+                    pieces = self._contents(item, modality, i, clips)
                 except MediaError as exc:
                     out[i] = EncodeError(f"{modality}: {exc}")
                     continue
-                if content is not None:
-                    idx.append(i)
-                    contents.append(content)
+                owner.extend([i] * len(pieces))
+                contents.extend(pieces)
             if not contents:
                 continue
-            for i, result in zip(idx, encoder.encode_batch(contents), strict=True):
+            results: dict[int, list[np.ndarray | EncodeError]] = {}
+            for i, result in zip(owner, encoder.encode_batch(contents), strict=True):
+                results.setdefault(i, []).append(result)
+            for i, pieces in results.items():
                 slot = out[i]
-                if isinstance(result, EncodeError):
-                    out[i] = EncodeError(f"{modality}: {result}")
+                errors = [r for r in pieces if isinstance(r, EncodeError)]
+                if errors:
+                    out[i] = EncodeError(f"{modality}: {errors[0]}")
                 elif isinstance(slot, dict):
-                    slot[encoder.vector_name] = result
+                    slot[encoder.vector_name] = l2_normalise(np.mean(pieces, axis=0))
         for i, slot in enumerate(out):
             if isinstance(slot, dict) and not slot:
                 out[i] = EncodeError("item has no content in any enabled modality")
         return out
 
-    def _content(self, item: ItemRecord, modality: str) -> str | bytes | None:
+    def _contents(
+        self, item: ItemRecord, modality: str, i: int, clips: dict[int, Clip]
+    ) -> list[str | bytes]:
         if modality == "text":
-            return item.text or None
+            return [item.text] if item.text else []
         ref = getattr(item, modality, None)
-        return None if ref is None else load_media(ref, self.settings.media)
+        if ref is not None:
+            return [load_media(ref, self.settings.media)]
+        if item.video is None:
+            return []
+        if modality == "image":
+            return self._clip(i, item, clips).frames
+        sound = self._clip(i, item, clips).audio if modality == "audio" else None
+        return [sound] if sound else []
+
+    def _clip(self, i: int, item: ItemRecord, clips: dict[int, Clip]) -> Clip:
+        """The item's video, decoded once for all the modalities it feeds."""
+        if i not in clips:
+            m = self.settings.media
+            data = load_media(item.video, m)
+            clips[i] = split_video(data, m.video_frames, m.max_audio_seconds, m.max_image_pixels)
+        return clips[i]
 
     def upsert(self, items: Sequence[ItemRecord], vectors: Sequence[dict[str, np.ndarray]]) -> None:
         """Write items; the point id is uuid5(item id), so a replay overwrites, never duplicates.

@@ -109,6 +109,8 @@ class ItemRecord(_Record):
     description: str = Field(default="", max_length=20_000)
     image: MediaRef | None = None
     audio: MediaRef | None = None
+    # A video supplies the image (key frames) and audio (sound track) an item does not give.
+    video: MediaRef | None = None
     category: Annotated[str, StringConstraints(max_length=256)] | None = None
     tags: list[Annotated[str, StringConstraints(max_length=256)]] = Field(
         default_factory=list, max_length=100
