@@ -294,7 +294,7 @@ def fit(
     seed: int = 0,
     config: Config = None,
 ) -> None:
-    """Fit the ranker's popularity half-life and weight and its modality weights on history."""
+    """Fit the ranker's popularity half-life and weight, modality and tag weights on history."""
     from fusionrec import fitting
     from fusionrec.evaluation import Dataset, encode_items, item_docs
 
@@ -312,6 +312,7 @@ def fit(
             settings,
             protocol.upper(),
             seed,
+            item_tags=[d.get("tags", []) for d in item_docs(ds)],
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

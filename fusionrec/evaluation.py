@@ -622,7 +622,14 @@ class Evaluation:
         with console.status(f"protocol {split.name}: fitting weights on held-out history"):
             try:
                 result = fitting.fit(
-                    split.history, v.ids, v.vectors, v.present, self.settings, split.name, self.seed
+                    split.history,
+                    v.ids,
+                    v.vectors,
+                    v.present,
+                    self.settings,
+                    split.name,
+                    self.seed,
+                    item_tags=[d.get("tags", []) for d in item_docs(self.ds)],
                 )
             except ValueError as exc:
                 self.notes.append(f"protocol {split.name}: weights not fitted ({exc})")
@@ -995,8 +1002,8 @@ METHOD = """\
   as rating events with their own timestamps, in time order, and folded by the profile agent;
   rankings asked of the gRPC ranker (top 20, exclude_seen). Items carry `created_at` = release
   date where the data set has one. Profile half-life: the settings' value, not fitted. The
-  popularity half-life and weight and the image:text weight are fitted on the protocol's
-  history (section below) unless the run says `--no-fit`.
+  popularity half-life and weight, the image:text weight and the tag-affinity weight are fitted
+  on the protocol's history (section below) unless the run says `--no-fit`.
 - Waiting for the stack: a marker event for a fresh user goes behind the published events on
   the one partition; the evaluator asks only once it is folded. Protocol C waits so before a
   query whenever the asking user has events not yet confirmed folded; other users' events may

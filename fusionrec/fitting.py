@@ -4,11 +4,11 @@ The history is split again the way the test was split from the data (protocol A:
 of positives by time; protocol B: a fifth of its items held out cold), the first part is
 replayed through the same pure functions the worker and the ranker use (streams.profiles for
 profiles and decayed popularity, serving.fusion for scores), and a small grid is searched for
-the best NDCG@20 on the held-out part: the popularity half-life, the popularity weight and the
-image-to-text weight. Recency is left as set: the ranker measures an item's age by its own
-clock, which a replay of old data cannot share. The winner is written as settings
-(`fusionrec fit`) or handed to the evaluator's stack; every row of the grid is kept, as the
-ablation behind the choice.
+the best NDCG@20 on the held-out part: the popularity half-life, the popularity weight, the
+image-to-text weight and the weight of the tag affinity. Recency is left as set: the ranker
+measures an item's age by its own clock, which a replay of old data cannot share. The winner
+is written as settings (`fusionrec fit`) or handed to the evaluator's stack; every row of the
+grid is kept, as the ablation behind the choice.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import numpy as np
 from fusionrec import protocols as p
 from fusionrec.settings import Settings
 from serving import fusion
-from streams.profiles import DAY_S, accumulate, event_weight, fold
+from streams.profiles import DAY_S, accumulate, event_weight, fold, fold_tags
 
 HALF_LIVES_DAYS = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0, math.inf)
 POPULARITY_WEIGHTS = (0.0, 0.05, 0.3, 1.0, 3.0, 10.0)
 IMAGE_TO_TEXT = (0.3, 1.0, 3.0)
+TAG_WEIGHTS = (0.0, 0.5, 1.0, 3.0)
 
 
 @dataclass
@@ -57,16 +58,33 @@ class Fit:
             ("fitted: all parts", self.ndcg),
             (
                 "without trending popularity (all-time sum)",
-                without(popularity_half_life_days=math.inf, image_to_text=best["image_to_text"]),
+                without(
+                    popularity_half_life_days=math.inf,
+                    image_to_text=best["image_to_text"],
+                    tag_weight=best["tag_weight"],
+                ),
             ),
             (
                 "without popularity (weight 0)",
-                without(popularity_weight=0.0, image_to_text=best["image_to_text"]),
+                without(
+                    popularity_weight=0.0,
+                    image_to_text=best["image_to_text"],
+                    tag_weight=best["tag_weight"],
+                ),
             ),
             (
                 "without fitted modality weights (image = text)",
                 without(
                     image_to_text=1.0,
+                    popularity_half_life_days=best["popularity_half_life_days"],
+                    popularity_weight=best["popularity_weight"],
+                    tag_weight=best["tag_weight"],
+                ),
+            ),
+            (
+                "without tag affinity (weight 0)",
+                without(
+                    tag_weight=0.0,
                     popularity_half_life_days=best["popularity_half_life_days"],
                     popularity_weight=best["popularity_weight"],
                 ),
@@ -121,13 +139,16 @@ def fit(
     settings: Settings,
     protocol: str = "A",
     seed: int = 0,
+    item_tags: Sequence[Sequence[str]] | None = None,
 ) -> Fit:
     """Grid search on the held-out slice; ties go to the earlier (simpler) row of the grid."""
+    item_tags = item_tags if item_tags is not None else [()] * len(item_ids)
     split = validation_split(history, protocol, seed)
     index = {i: j for j, i in enumerate(item_ids)}
     cfg = settings.profiles
     half_life_s = cfg.half_life_days * DAY_S
     profiles: dict[str, dict[str, np.ndarray]] = {}
+    affinity: dict[str, dict[str, float]] = {}
     t_ref: dict[str, float] = defaultdict(float)
     rated: dict[str, set[int]] = defaultdict(set)
     gains: list[tuple[int, float, float]] = []
@@ -138,6 +159,15 @@ def fit(
         rated[r.user].add(j)
         w = event_weight("rating", r.value, cfg)
         item = {m: v[j] for m, v in vectors.items() if present[m][j]}
+        affinity[r.user] = fold_tags(
+            affinity.get(r.user, {}),
+            t_ref[r.user],
+            item_tags[j],
+            w,
+            r.ts or 0.0,
+            half_life_s,
+            cfg.tag_cap,
+        )
         profiles[r.user], t_ref[r.user] = fold(
             profiles.get(r.user, {}), t_ref[r.user], item, w, r.ts or 0.0, half_life_s
         )
@@ -152,18 +182,23 @@ def fit(
     for row, u in enumerate(users):
         excluded[row, list(rated[u])] = True
         relevant[row, [index[i] for i in split.positives[u] if i in index]] = True
+    tag_weights = TAG_WEIGHTS if any(item_tags) else (0.0,)
+    state = (users, profiles, affinity, vectors, present, item_tags)
     content = {
-        ratio: _content(users, profiles, vectors, present, _modality_weights(base, ratio))
-        for ratio in ratios
+        (ratio, w_tags): _content(*state, _weights(base, ratio, w_tags))
+        for ratio, w_tags in itertools.product(ratios, tag_weights)
     }
     rows = []
-    for hl, w_pop, ratio in itertools.product(HALF_LIVES_DAYS, POPULARITY_WEIGHTS, ratios):
-        scores = content[ratio] + w_pop * priors[hl][None, :]
+    for hl, w_pop, ratio, w_tags in itertools.product(
+        HALF_LIVES_DAYS, POPULARITY_WEIGHTS, ratios, tag_weights
+    ):
+        scores = content[ratio, w_tags] + w_pop * priors[hl][None, :]
         rows.append(
             {
                 "popularity_half_life_days": hl,
                 "popularity_weight": w_pop,
                 "image_to_text": ratio,
+                "tag_weight": w_tags,
                 "ndcg@20": ndcg_matrix(scores, excluded, relevant),
             }
         )
@@ -176,7 +211,7 @@ def fit(
         ),
     )
     default = ndcg_matrix(
-        _content(users, profiles, vectors, present, base)
+        _content(*state, _weights(base, 1.0, settings.ranker.tag_weight, image_to_text=False))
         + settings.ranker.popularity_weight
         * _popularity(gains, len(item_ids), cfg.popularity_half_life_days)[None, :],
         excluded,
@@ -187,6 +222,7 @@ def fit(
         "ranker": {
             "popularity_weight": best["popularity_weight"],
             "modality_weights": _modality_weights(base, best["image_to_text"]),
+            "tag_weight": best["tag_weight"],
         },
     }
     return Fit(protocol, chosen, best["ndcg@20"], default, best, rows, len(users))
@@ -207,18 +243,35 @@ def _popularity(gains: list[tuple[int, float, float]], n: int, half_life_days: f
     return fusion.popularity_prior(value, at, half_life_days * DAY_S)
 
 
+def _weights(
+    base: dict[str, float], ratio: float, w_tags: float, image_to_text: bool = True
+) -> dict[str, float]:
+    return {**(_modality_weights(base, ratio) if image_to_text else base), fusion.TAGS: w_tags}
+
+
 def _content(
     users: list[str],
     profiles: dict[str, dict[str, np.ndarray]],
+    affinity: dict[str, dict[str, float]],
     vectors: dict[str, np.ndarray],
     present: dict[str, np.ndarray],
+    item_tags: Sequence[Sequence[str]],
     weights: dict[str, float],
 ) -> np.ndarray:
-    out = np.zeros((len(users), len(next(iter(present.values())))))
-    for row, u in enumerate(users):
-        if profiles.get(u):
-            out[row], _ = fusion.fuse(profiles[u], vectors, present, weights)
-    return out
+    """What the ranker's `fuse` gives each user for every item (modalities and tag affinity),
+    all users at once: one row each, zero where a user lacks a modality."""
+    stacked = {
+        m: np.stack([profiles.get(u, {}).get(m, np.zeros(v.shape[1])) for u in users])
+        for m, v in vectors.items()
+    }
+    items, has = dict(vectors), dict(present)
+    vocabulary = sorted({t for tags in item_tags for t in tags})
+    if vocabulary:
+        rows = [fusion.tag_vectors(affinity.get(u, {}), item_tags, vocabulary) for u in users]
+        stacked[fusion.TAGS] = np.stack([row[0] for row in rows])
+        _, items[fusion.TAGS], has[fusion.TAGS] = fusion.tag_vectors({}, item_tags, vocabulary)
+    scores, _ = fusion.fuse(stacked, items, has, weights)
+    return scores
 
 
 def ndcg_matrix(scores: np.ndarray, excluded: np.ndarray, relevant: np.ndarray) -> float:

@@ -140,6 +140,8 @@ class ProfileSettings(_Section):
     rating_midpoint: float = 3.0
     rating_scale: float = 2.0
     seen_cap: int = 5000
+    # The strongest tags a profile keeps an affinity for.
+    tag_cap: int = Field(200, ge=1)
     dedupe_window: int = 2000
     # Events whose item has not arrived are held this long, then dead-lettered.
     pending_ttl_s: float = 7 * 24 * 3600.0
@@ -162,6 +164,8 @@ class RankerSettings(_Section):
     prior_cache_ttl_s: float = 5.0
     popularity_weight: float = 0.05
     recency_weight: float = 0.05
+    # Weight of the user's tag affinity (cosine to the item's tags) beside the modalities.
+    tag_weight: float = Field(0.5, ge=0)
     recency_half_life_days: float = 7.0
     max_limit: int = 200
     max_id_length: int = 256

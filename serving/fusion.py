@@ -6,13 +6,15 @@ vectorised over all n candidates at once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 # Contribution keys of the priors, beside the modality names.
 POPULARITY = "popularity"
 RECENCY = "recency"
+# Tag affinity takes part in `fuse` as one more modality under this key.
+TAGS = "tags"
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -35,31 +37,37 @@ def fuse(
     candidate's mean rather than counted as similarity 0, so scores stay in [-1, 1] and do not
     change when all weights are scaled. A candidate sharing no weighted modality with the user
     scores 0 (no evidence either way). Returns (scores (n,), contributions per modality (n,)),
-    where the contributions sum to the scores.
+    where the contributions sum to the scores. Users may come stacked, user[m] (u, d) with zero
+    rows where a user lacks m; the results are then (u, n), row by row what each alone gets.
     """
     if any(w < 0 for w in weights.values()):
         raise ValueError(f"modality weights must be >= 0, got {dict(weights)}")
     n = _count(items, present)
+    lead = {np.shape(u)[:-1] for u in user.values()}
+    if len(lead) > 1:
+        raise ValueError(f"user vectors disagree on the number of users: {lead}")
+    shape = (*(lead.pop() if lead else ()), n)
     # Dividing by the largest weight keeps tiny (even subnormal) weights from underflowing.
     top = max(weights.values(), default=0.0)
-    total = np.zeros(n)
+    total = np.zeros(shape)
     parts: dict[str, np.ndarray] = {}
     for m, u in user.items():
         w = float(weights.get(m, 0.0)) / top if top > 0 else 0.0
         if w == 0.0 or m not in items:
             continue
         u_hat = _unit_rows(np.asarray(u, dtype=np.float64))
-        if not u_hat.any():
+        user_has = np.linalg.norm(u_hat, axis=-1, keepdims=True) > 0
+        if not user_has.any():
             continue
         vecs = np.asarray(items[m], dtype=np.float64)
-        has = np.asarray(present[m], dtype=bool) & (np.linalg.norm(vecs, axis=1) > 0)
-        parts[m] = np.where(has, w * (_unit_rows(vecs) @ u_hat), 0.0)
+        has = np.asarray(present[m], dtype=bool) & (np.linalg.norm(vecs, axis=1) > 0) & user_has
+        parts[m] = np.where(has, w * (u_hat @ _unit_rows(vecs).T), 0.0)
         total += np.where(has, w, 0.0)
     covered = total > 0
     contributions = {
-        m: np.divide(p, total, out=np.zeros(n), where=covered) for m, p in parts.items()
+        m: np.divide(p, total, out=np.zeros(shape), where=covered) for m, p in parts.items()
     }
-    scores = np.sum(list(contributions.values()), axis=0) if contributions else np.zeros(n)
+    scores = np.sum(list(contributions.values()), axis=0) if contributions else np.zeros(shape)
     return scores, contributions
 
 
@@ -68,6 +76,37 @@ def _count(items: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray]) -
     if len(sizes) > 1:
         raise ValueError(f"items and present disagree on the number of candidates: {sizes}")
     return sizes.pop() if sizes else 0
+
+
+def tag_vectors(
+    affinity: Mapping[str, float],
+    item_tags: Sequence[Sequence[str]],
+    vocabulary: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tags as a modality for `fuse`: (user (k+1,), items (n, k+1), present (n,)).
+
+    The columns are the user's tags (or a given `vocabulary`, the same for many users) plus one
+    that holds the weight of each item's other tags, so the cosine `fuse` takes is the one over
+    all tags, not over the user's alone. An item with k tags is the unit vector with 1/sqrt(k)
+    on each.
+    """
+    words = [t for t, v in affinity.items() if v] if vocabulary is None else vocabulary
+    vocab = {tag: j for j, tag in enumerate(words)}
+    user = np.zeros(len(vocab) + 1)
+    for tag, j in vocab.items():
+        user[j] = affinity.get(tag, 0.0)
+    items = np.zeros((len(item_tags), len(vocab) + 1))
+    present = np.zeros(len(item_tags), dtype=bool)
+    for i, tags in enumerate(item_tags):
+        unique = set(tags)
+        if not unique:
+            continue
+        present[i] = True
+        share = 1.0 / np.sqrt(len(unique))
+        known = [vocab[t] for t in unique if t in vocab]
+        items[i, known] = share
+        items[i, -1] = share * np.sqrt(len(unique) - len(known))
+    return user, items, present
 
 
 def popularity_prior(

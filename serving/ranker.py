@@ -183,8 +183,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         found = await self._candidates(
             context, layout, queries, request.filter, [item_point_id(s) for s in seen], True
         )
+        stored = {str(t): _number(v) for t, v in (payload.get("tag_affinity") or {}).items()}
+        affinity = {t: v for t, v in stored.items() if math.isfinite(v)}
         return ranker_pb2.RecommendResponse(
-            items=self._rank(found, queries, weights, request.limit, request.explain),
+            items=self._rank(found, queries, affinity, weights, request.limit, request.explain),
             cold_start=not queries,
             modality_weights=weights if request.explain else {},
         )
@@ -201,7 +203,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             lambda: self._client.retrieve(
                 q.items_collection,
                 [point_id],
-                with_payload=False,
+                with_payload=[TAGS],
                 with_vectors=sorted(layout.vector_names.values()),
             ),
         )
@@ -213,8 +215,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         found = await self._candidates(
             context, layout, queries, request.filter, [point_id], not queries
         )
+        tags = {str(t): 1.0 for t in (items[0].payload or {}).get(TAGS) or []}
         return ranker_pb2.SimilarItemsResponse(
-            items=self._rank(found, queries, weights, request.limit, request.explain),
+            items=self._rank(found, queries, tags, weights, request.limit, request.explain),
             modality_weights=weights if request.explain else {},
         )
 
@@ -261,12 +264,22 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self,
         found: Candidates,
         queries: Mapping[str, np.ndarray],
+        affinity: Mapping[str, float],
         weights: Mapping[str, float],
         limit: int,
         explain: bool,
     ) -> list[ranker_pb2.ScoredItem]:
+        """Fuse the modalities and the tag affinity (as one more modality), add the priors."""
         r = self._settings.ranker
-        scores, parts = fusion.fuse(queries, found.vectors, found.present, weights)
+        user_tags, item_tags, has_tags = fusion.tag_vectors(
+            affinity, [p.get(TAGS) or [] for p in found.payloads]
+        )
+        scores, parts = fusion.fuse(
+            {**queries, fusion.TAGS: user_tags},
+            {**found.vectors, fusion.TAGS: item_tags},
+            {**found.present, fusion.TAGS: has_tags},
+            {**weights, fusion.TAGS: r.tag_weight},
+        )
         priors = {
             fusion.POPULARITY: fusion.popularity_prior(
                 np.array([_number(p.get(POPULARITY)) for p in found.payloads]),

@@ -29,6 +29,7 @@ class CatalogItem:
     popularity_at: float = 0.0
     # Tokens of the latest batches folded into the popularity: a batch delivered again is refused.
     batches: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
 
 
 class Catalog:
@@ -150,6 +151,7 @@ class Catalog:
                 popularity=float(p.payload.get(store.POPULARITY) or 0.0),
                 popularity_at=float(p.payload.get(store.POPULARITY_AT) or 0.0),
                 batches=tuple(p.payload.get(POPULARITY_BATCHES) or ()),
+                tags=tuple(p.payload.get(store.TAGS) or ()),
             )
             for p in found
         }

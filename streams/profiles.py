@@ -9,7 +9,7 @@ profile turns away from what the user disliked or skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +81,28 @@ def fold(
     return {k: v.astype(np.float32, copy=False) for k, v in out.items()}, t_new
 
 
+def fold_tags(
+    affinity: Mapping[str, float],
+    t_ref: float,
+    item_tags: Iterable[str],
+    weight: float,
+    t_event: float,
+    half_life_s: float,
+    cap: int,
+) -> dict[str, float]:
+    """`fold` for the profile's tag affinity, the item's tags taken as one unit vector (each of
+    k tags weighs 1/sqrt(k)); the `cap` strongest tags are kept. Call it before `fold`: both age
+    from the profile's `t_ref` as it was."""
+    keep, add, _ = _aging(t_ref, weight, t_event, half_life_s)
+    out = {tag: v * keep for tag, v in affinity.items()}
+    tags = set(item_tags)
+    for tag in tags:
+        out[tag] = out.get(tag, 0.0) + add / math.sqrt(len(tags))
+    if len(out) > cap:
+        out = dict(sorted(out.items(), key=lambda kv: -abs(kv[1]))[:cap])
+    return out
+
+
 def normalised(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Unit-length taste per vector name; a zero accumulator (evidence cancelled out) is dropped."""
     out = {}
@@ -98,6 +120,8 @@ class Profile:
     user_id: str
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     t_ref: float = 0.0
+    # Affinity for item tags (categories, genres), folded like the vectors.
+    tag_affinity: dict[str, float] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
     recent_event_ids: list[str] = field(default_factory=list)
     # Events whose item had not arrived yet ({"held_at", "event"}), applied when it does.

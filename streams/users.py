@@ -22,7 +22,7 @@ from qdrant_client import QdrantClient, models
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.catalog import Catalog, CatalogItem
-from streams.profiles import DAY_S, Profile, event_weight, fold
+from streams.profiles import DAY_S, Profile, event_weight, fold, fold_tags
 from streams.records import EventRecord
 
 # Popularity owed per user: {user_id: {item_id: [[weight, event time], ...]}}
@@ -128,7 +128,7 @@ class Users:
                     p.pending.append({"held_at": now, "event": e.model_dump(mode="json")})
                     self.holding.add(e.user_id)
                     continue
-                self._fold(p, e, items[e.item_id].vectors, gains)
+                self._fold(p, e, items[e.item_id], gains)
             touched = [profiles[u] for u in dict.fromkeys(e.user_id for e in fresh)]
             for p in touched:
                 p.updated_at = now
@@ -154,7 +154,7 @@ class Users:
                 for held_event in sorted(p.pending, key=lambda h: h["event"]["timestamp"]):
                     e = EventRecord.model_validate(held_event["event"])
                     if e.item_id in items:
-                        self._fold(p, e, items[e.item_id].vectors, gains)
+                        self._fold(p, e, items[e.item_id], gains)
                     elif now - held_event["held_at"] > self.cfg.pending_ttl_s:
                         expired.append(e)
                     else:
@@ -175,14 +175,21 @@ class Users:
                 self.cache.pop(u, None)
             raise
 
-    def _fold(
-        self, p: Profile, e: EventRecord, item_vectors: dict[str, np.ndarray], gains: Gains
-    ) -> None:
+    def _fold(self, p: Profile, e: EventRecord, item: CatalogItem, gains: Gains) -> None:
         """Fold the event into the profile; a positive one also owes its item popularity."""
         w = event_weight(e.type, e.value, self.cfg)
         if w:
+            p.tag_affinity = fold_tags(
+                p.tag_affinity,
+                p.t_ref,
+                item.tags,
+                w,
+                e.timestamp,
+                self.half_life_s,
+                self.cfg.tag_cap,
+            )
             p.vectors, p.t_ref = fold(
-                p.vectors, p.t_ref, item_vectors, w, e.timestamp, self.half_life_s
+                p.vectors, p.t_ref, item.vectors, w, e.timestamp, self.half_life_s
             )
         if w > 0:
             gains.setdefault(p.user_id, {}).setdefault(e.item_id, []).append([w, e.timestamp])
@@ -275,6 +282,7 @@ def _to_point(p: Profile) -> models.PointStruct:
         payload={
             "user_id": p.user_id,
             "t_ref": p.t_ref,
+            "tag_affinity": p.tag_affinity,
             "seen": p.seen,
             "recent_event_ids": p.recent_event_ids,
             "pending": p.pending,
@@ -291,6 +299,7 @@ def _from_point(point: models.Record) -> Profile:
         user_id=payload["user_id"],
         vectors={k: np.asarray(v, dtype=np.float32) for k, v in vectors.items()},
         t_ref=float(payload.get("t_ref", 0.0)),
+        tag_affinity={str(k): float(v) for k, v in (payload.get("tag_affinity") or {}).items()},
         seen=list(payload.get("seen", [])),
         recent_event_ids=list(payload.get("recent_event_ids", [])),
         pending=list(payload.get("pending", [])),

@@ -14,6 +14,7 @@ from serving.fusion import (
     fuse,
     popularity_prior,
     recency_prior,
+    tag_vectors,
     top_k,
 )
 
@@ -152,3 +153,39 @@ def test_more_weight_where_closer_raises_score(case: tuple, m: str, extra: float
 def _cosine(x: np.ndarray, u: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1) * np.linalg.norm(u)
     return np.divide(x @ u, norms, out=np.zeros(len(x)), where=norms > 0)
+
+
+def test_stacked_users_get_what_each_gets_alone() -> None:
+    rng = np.random.default_rng(3)
+    items = {"text": rng.normal(size=(7, 4)), "image": rng.normal(size=(7, 3))}
+    present = {"text": np.ones(7, bool), "image": rng.random(7) < 0.6}
+    users = [
+        {"text": rng.normal(size=4), "image": rng.normal(size=3)},
+        {"text": rng.normal(size=4)},  # no image profile
+        {"image": rng.normal(size=3)},
+    ]
+    weights = {"text": 1.0, "image": 0.4}
+    stacked = {m: np.stack([u.get(m, np.zeros(items[m].shape[1])) for u in users]) for m in items}
+    scores, parts = fuse(stacked, items, present, weights)
+    assert scores.shape == (3, 7)
+    for row, user in enumerate(users):
+        alone, alone_parts = fuse(user, items, present, weights)
+        np.testing.assert_allclose(scores[row], alone, atol=1e-12)
+        for m, p in alone_parts.items():
+            np.testing.assert_allclose(parts[m][row], p, atol=1e-12)
+
+
+def test_tag_vectors_give_the_cosine_over_all_tags() -> None:
+    affinity = {"drama": 2.0, "war": 1.0, "zero": 0.0}
+    item_tags = [["drama"], ["drama", "comedy"], ["comedy", "horror"], [], ["war", "drama"]]
+    user, items, present = tag_vectors(affinity, item_tags)
+    assert present.tolist() == [True, True, True, False, True]
+    scores, _ = fuse({"tags": user}, {"tags": items}, {"tags": present}, {"tags": 1.0})
+    norm = np.sqrt(5.0)
+    want = [2 / norm, 2 / norm / np.sqrt(2), 0.0, 0.0, 3 / norm / np.sqrt(2)]
+    np.testing.assert_allclose(scores, want, atol=1e-12)
+    # A shared vocabulary (many users at once) gives the same cosines.
+    shared = sorted({t for tags in item_tags for t in tags} | {"war"})
+    user2, items2, _ = tag_vectors(affinity, item_tags, shared)
+    again, _ = fuse({"tags": user2}, {"tags": items2}, {"tags": present}, {"tags": 1.0})
+    np.testing.assert_allclose(again, want, atol=1e-12)

@@ -13,6 +13,7 @@ from streams.profiles import (
     decay,
     event_weight,
     fold,
+    fold_tags,
     normalised,
     trend,
 )
@@ -124,3 +125,37 @@ def test_popularity_trend_orders_as_decayed_popularity(a, b) -> None:
     if abs(now[0] - now[1]) > 1e-9 * max(now):
         assert (now[0] > now[1]) == (keys[0] > keys[1])
     assert trend(0.0, 5.0, HL) is None
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(["a", "b", "c", "d"]), max_size=3),
+            st.floats(-1.0, 2.0),
+            st.floats(0, 100 * DAY_S),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_tag_affinity_folds_like_the_vectors(events) -> None:
+    """Order-free like `fold`, and each item's tags count as one unit vector."""
+
+    def run(seq):
+        tags, t_ref = {}, 0.0
+        for item_tags, w, t in seq:
+            tags = fold_tags(tags, t_ref, item_tags, w, t, HL, cap=10)
+            _, t_ref = fold({}, t_ref, {}, w, t, HL)
+        return tags
+
+    forward, backward = run(events), run(list(reversed(events)))
+    assert forward.keys() == backward.keys()
+    for tag in forward:
+        assert forward[tag] == pytest.approx(backward[tag], rel=1e-6, abs=1e-9)
+
+
+def test_tag_affinity_keeps_the_strongest_tags() -> None:
+    tags = fold_tags({}, 0.0, ["x", "y", "z", "w"], 1.0, 0.0, HL, cap=10)
+    assert tags == pytest.approx({t: 0.5 for t in "xyzw"})
+    tags = fold_tags(tags, 0.0, ["x"], 1.0, 0.0, HL, cap=2)
+    assert len(tags) == 2 and tags["x"] == 1.5

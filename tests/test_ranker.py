@@ -17,6 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from qdrant_client import QdrantClient, models
 
@@ -47,6 +48,7 @@ USERS = {
     "u-both": ({TEXT: [2, 0, 0, 0], IMAGE: [0.5, 0, 0]}, {}),
     "u-seen": ({IMAGE: [1, 0, 0]}, {"seen": ["i1"]}),
     "u-text-off": ({TEXT: [1, 0, 0, 0], IMAGE: [0, 1, 0]}, {"modality_weights": {"text": 0.0}}),
+    "u-tagged": ({TEXT: [0, 0, 1, 0]}, {"tag_affinity": {"sunset": 1.0, "bogus": "x"}}),
 }
 
 
@@ -189,6 +191,19 @@ def test_filters(client: RankerClient, kwargs: dict, expected: set[str]) -> None
 def test_exclude_seen(client: RankerClient) -> None:
     assert "i1" not in ids(client.recommend("u-seen", limit=10))
     assert ids(client.recommend("u-seen", limit=10, exclude_seen=False))[0] == "i1"
+
+
+def test_tag_affinity_is_fused_as_one_more_modality(client: RankerClient) -> None:
+    got = {i.item_id: i for i in client.recommend("u-tagged", limit=10).items}
+    # i5 ("sunset") shares the user's one tag: cosine 1; i1 has two tags: 1/sqrt(2). The text
+    # profile points at i3 alone. Equal weights (settings: tags 0.5 of 1.0 for text).
+    assert got["i5"].contributions["tags"] == pytest.approx(0.5 / 1.5)
+    assert got["i1"].contributions["tags"] == pytest.approx(0.5 / 1.5 / np.sqrt(2))
+    assert got["i3"].contributions["tags"] == pytest.approx(0.0)
+    for item in got.values():
+        assert item.score == pytest.approx(sum(item.contributions.values()), abs=1e-5)
+    similar = {i.item_id: i for i in client.similar("i5", limit=5).items}
+    assert similar["i1"].contributions["tags"] > 0  # the query item's tags ("sunset")
 
 
 def test_user_without_profile_gets_popular_and_fresh(client: RankerClient) -> None:

@@ -61,6 +61,18 @@ def test_duplicate_event_ids_apply_once_and_survive_a_restart(state, tmp_path):
     assert catalog.lookup(["a"])["a"].popularity == 1.0
 
 
+def test_tag_affinity_is_folded_and_kept(state):
+    settings, client, catalog, users = state
+    catalog.upsert(
+        [ItemRecord(id="t", title="t", tags=["war", "drama"])],
+        [{"text.t": np.asarray([1, 0, 0], np.float32)}],
+    )
+    users.apply([event("e1", "t"), event("e2", "t", kind="dislike", user="v")])
+    again = Users(client, settings, catalog).load(["u", "v"])
+    assert again["u"].tag_affinity == pytest.approx({"war": 2**-0.5, "drama": 2**-0.5})
+    assert again["v"].tag_affinity == pytest.approx({"war": -(2**-0.5), "drama": -(2**-0.5)})
+
+
 def test_events_fold_into_the_modalities_items_have(state):
     _, _, catalog, users = state
     add_item(catalog, "a", [1, 0, 0], [0, 1])
