@@ -8,6 +8,9 @@ import gc
 import logging
 import signal
 import sqlite3
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -16,7 +19,8 @@ import mode
 from encoders.registry import build_encoders
 from fusionrec import store
 from fusionrec.broker import EmbeddedBroker
-from fusionrec.settings import Settings
+from fusionrec.kafka_auth import kafka_python_options
+from fusionrec.settings import KafkaSettings, Settings
 from serving.server import start_server, stop_server
 from streams.app import create_app
 
@@ -42,6 +46,111 @@ class RankerService(mode.Service):
             await stop_server(self.server, grace=2.0)
 
 
+class BrokerLossGuard(mode.Service):
+    """Tansu (the embedded broker) keeps everything in memory: restarted, it has lost its topics,
+    our consumer group and its committed offsets, and a client sees only a reconnect. Faust and
+    aiokafka rejoin and go on, but now and then (2 restarts in 14 under CPU load here) the
+    messages published meanwhile were never processed: records fetched while the group rejoins
+    are dropped, and the seek back to "committed" leaves a partition that has no committed
+    offset past them. And a commit pending at the restart can land on the new broker: an offset
+    into a log that no longer exists. So the worker checks every `interval` for a marker topic
+    of its own; gone means the broker restarted: the marker and the dead-letters topic are
+    declared again, and once the group has rejoined every assigned partition is read again from
+    its start (sinks are idempotent: the replay applies nothing twice)."""
+
+    # A rebalance soon after the first (a rejoin in two steps) could drop records the same way.
+    rewind_window_s = 30.0
+
+    def __init__(self, app: faust.App, kafka: KafkaSettings, interval: float = 1.0, **kw: Any):
+        super().__init__(**kw)
+        self.app = app
+        self.kafka = kafka
+        self.interval = interval
+        self.marker = f"fusionrec-alive-{uuid.uuid4().hex[:12]}"
+        self._admin: Any = None
+        # The admin client blocks: its own thread, so a slow call holds nothing else up.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="broker-guard")
+
+    def _marker_present(self) -> bool | None:
+        """Whether the broker has our marker; None while it cannot be asked."""
+        from kafka.admin import KafkaAdminClient
+
+        try:
+            if self._admin is None:
+                # Short timeouts: while the broker is away each check gives up in seconds (by
+                # default kafka-python tries for 30 s, backing off to 30 s between attempts).
+                self._admin = KafkaAdminClient(
+                    bootstrap_servers=self.kafka.bootstrap,
+                    bootstrap_timeout_ms=3000,
+                    request_timeout_ms=5000,
+                    reconnect_backoff_max_ms=1000,
+                    **kafka_python_options(self.kafka),
+                )
+            return self.marker in self._admin.list_topics()
+        except Exception as exc:
+            log.debug("broker not answering (%s)", exc)
+            self._close_admin()
+            return None
+
+    def _declare(self) -> None:
+        spec = {"replication_factor": 1}
+        self._admin.create_topics(
+            {
+                self.marker: {**spec, "num_partitions": 1},
+                # The worker declares it once, at start: a send that had to auto-create it
+                # stalled on Tansu.
+                self.kafka.dead_letters_topic: {**spec, "num_partitions": self.kafka.partitions},
+            },
+            raise_errors=False,  # already there: someone was first
+        )
+
+    def _close_admin(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                admin.close()
+
+    @mode.Service.task
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        seen_at: int | None = None  # the app's rebalance count when the marker was last seen
+        rewind_after: int | None = None
+        rewind_until = 0.0
+        while not self.should_stop:
+            try:
+                present = await loop.run_in_executor(self._pool, self._marker_present)
+                if present is False:
+                    if seen_at is not None:
+                        log.warning(
+                            "the broker restarted empty (memory only): its topics, our consumer "
+                            "group and committed offsets are gone; every partition is read "
+                            "again from its start once the group has rejoined"
+                        )
+                        rewind_after = seen_at
+                        rewind_until = time.monotonic() + self.rewind_window_s
+                    await loop.run_in_executor(self._pool, self._declare)
+                if present is not None:
+                    seen_at = self.app.rebalancing_count
+                if rewind_after is not None and time.monotonic() > rewind_until:
+                    rewind_after = None
+                if (
+                    rewind_after is not None
+                    and self.app.rebalancing_count > rewind_after
+                    and not self.app.rebalancing
+                ):
+                    assigned = self.app.consumer.assignment()
+                    await self.app.consumer.seek_wait({tp: 0 for tp in assigned})
+                    log.warning("re-reading %d partitions from their start", len(assigned))
+                    rewind_after = self.app.rebalancing_count
+            except Exception:
+                log.exception("broker loss guard")
+            await self.sleep(self.interval)
+
+    async def on_stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._close_admin)
+        self._pool.shutdown(wait=False)
+
+
 def run_worker(settings: Settings, *, serve: bool) -> None:
     """Run the stream worker (with the ranker in-process when `serve`) until SIGINT/SIGTERM."""
     client = store.connect(settings)
@@ -56,7 +165,9 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     gc.collect()
     gc.freeze()
     app = create_app(settings, client, encoders)
-    services = [RankerService(settings, client)] if serve else []
+    services: list[mode.Service] = [RankerService(settings, client)] if serve else []
+    if settings.kafka.embedded:
+        services.append(BrokerLossGuard(app, settings.kafka))
     # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.
     worker = faust.Worker(app, *services, loglevel=settings.log_level, override_logging=False)
     with contextlib.suppress(SystemExit):
@@ -93,7 +204,7 @@ def up(settings: Settings) -> None:
             update={"bootstrap": broker.bootstrap, "embedded": True}
         )
         # Should Tansu die (a kill, the OOM killer), bring it back on the same port: the worker
-        # reconnects and rejoins (the broker comes back empty).
+        # reconnects, and its BrokerLossGuard sees the broker came back empty.
         broker.supervise()
         run_worker(settings.model_copy(update={"kafka": embedded}), serve=True)
 
