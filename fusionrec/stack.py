@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -169,10 +171,41 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     if settings.kafka.embedded:
         services.append(BrokerLossGuard(app, settings.kafka))
     # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RetryNoise())
     worker = faust.Worker(app, *services, loglevel=settings.log_level, override_logging=False)
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     client.close()
+
+
+class RetryNoise(logging.Filter):
+    """While the broker is away, aiokafka retries every 100 ms and logs each failure (about 75
+    lines a second here), which buries every other line: let one warning or error of the Kafka
+    clients (aiokafka, kafka-python) through per logger and message template every `window`
+    seconds, saying how many were held back."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        super().__init__()
+        self.window = window
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()  # Faust's consumer logs from its own thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        client = record.name.split(".", 1)[0] in ("aiokafka", "kafka")
+        if not client or record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        with self._lock:
+            shown, held = self._last.get(key, (-math.inf, 0))
+            if record.created - shown < self.window:
+                self._last[key] = (shown, held + 1)
+                return False
+            self._last[key] = (record.created, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like it not shown)"
+            record.args = ()
+        return True
 
 
 def fast_local_commits(client: Any) -> None:
