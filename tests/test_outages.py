@@ -1,0 +1,222 @@
+"""Broker outages through real processes: a Tansu broker SIGKILLed under a running worker + ranker.
+
+The ranker reads only the store, so it keeps answering while the broker is away; the worker
+keeps retrying, and once a broker listens on the same address again (empty: Tansu is memory
+only, so its topics, consumer group and committed offsets are gone) it rejoins, and its
+BrokerLossGuard (fusionrec/stack.py) re-reads every partition from the start, without the
+worker being restarted. `fusionrec up` also restarts an embedded broker that died. Items are
+text only: encoding is not what is under test, and MiniLM is the cheapest encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from kafka import KafkaConsumer
+
+from fusionrec.broker import EmbeddedBroker, wait_for_port
+from fusionrec.launcher import ChildStack, spawn_stack
+from fusionrec.publisher import Publisher
+from fusionrec.settings import load_settings
+from serving.client import RankerClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TEXT_ONLY = {"FUSIONREC_ENCODERS__ENABLED": '["text"]', "FUSIONREC_ENCODERS__THREADS": "1"}
+# Longer than the worker's broker_session_timeout (8 s): its group session lapses too.
+OUTAGE_S = 10.0
+# From the broker's return to a new item served; ~4 s seen (half the session timeout is
+# Tansu's first group join), the rest is room for a loaded 2-core machine.
+RESUME_S = 60.0
+
+
+def item(item_id: str) -> dict:
+    return {"id": item_id, "title": f"Item {item_id}", "description": f"The item called {item_id}."}
+
+
+def like(user: str, item_id: str) -> dict:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "user_id": user,
+        "item_id": item_id,
+        "type": "like",
+        "timestamp": time.time(),
+    }
+
+
+def known(client: RankerClient, item_id: str) -> bool:
+    try:
+        client.similar(item_id, 1, explain=False)
+        return True
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+        return False
+
+
+def wait(child: ChildStack, what: str, check: Callable[[], bool], timeout: float) -> float:
+    """Seconds until check() holds; fails if the stack process dies meanwhile (never restarted)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        assert child.process.poll() is None, f"the stack died:\n{child.log_tail()}"
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} after {timeout:.0f} s:\n{child.log_tail()}")
+
+
+def publish(bootstrap: str, kind: str, docs: list[dict]) -> None:
+    """A fresh producer each time: the test's own client is not what is under test."""
+    publisher = Publisher(load_settings(kafka={"bootstrap": bootstrap}))
+    try:
+        publisher.publish_all(kind, docs)  # type: ignore[arg-type]
+    finally:
+        publisher.close()
+
+
+@pytest.fixture
+def running(
+    tmp_path: Path,
+) -> Iterator[Callable[[dict[str, str]], tuple[ChildStack, RankerClient]]]:
+    """Starts `fusionrec up` (text only) with extra settings, serving; stops it afterwards."""
+    started: list[tuple[ChildStack, RankerClient]] = []
+
+    def start(env: dict[str, str]) -> tuple[ChildStack, RankerClient]:
+        child = spawn_stack(tmp_path, {**TEXT_ONLY, "FUSIONREC_MEDIA__ROOT": str(tmp_path), **env})
+        client = RankerClient(child.target, timeout=5)
+        started.append((child, client))
+        wait(child, "ranker serving", client.serving, timeout=300)
+        return child, client
+
+    yield start
+    for child, client in started:
+        client.close()
+        child.stop()
+        print(child.log_tail(3000))
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A broker outside the stack. Ask for it before `running`: the worker is stopped first (a
+    worker stopped with no broker to leave its group hangs until killed)."""
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+def test_worker_and_ranker_ride_out_a_broker_restart(broker: EmbeddedBroker, running) -> None:
+    # Worker + ranker in one process, the broker outside it (as benchmarks/chaos.py runs).
+    child, client = running(
+        {"FUSIONREC_KAFKA__BOOTSTRAP": broker.bootstrap, "FUSIONREC_KAFKA__EMBEDDED": "true"}
+    )
+    # Several items, so some partition's offsets pass the ones the new broker will give.
+    before = [f"before-{k}" for k in range(6)]
+    publish(broker.bootstrap, "items", [item(i) for i in before])
+    wait(child, "the first items", lambda: all(known(client, i) for i in before), 60)
+
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGKILL)
+    broker.process.wait()
+    lines_then = len(child.log.read_text(errors="replace").splitlines())
+    slowest = 0.0
+    deadline = time.monotonic() + OUTAGE_S
+    while time.monotonic() < deadline:
+        assert child.process.poll() is None, f"the worker died:\n{child.log_tail()}"
+        start = time.monotonic()
+        assert client.health() == "SERVING"
+        ranking = client.recommend(f"new-{uuid.uuid4()}", 10)
+        assert set(before) <= {i.item_id for i in ranking.items}
+        assert known(client, before[0])
+        slowest = max(slowest, time.monotonic() - start)
+        time.sleep(0.5)
+    # Served from the store: no call waits on the broker.
+    assert slowest < 2.0, slowest
+    logged = len(child.log.read_text(errors="replace").splitlines()) - lines_then
+    # The outage is logged, but not each of aiokafka's retries (~75 lines/s unthrottled).
+    assert 0 < logged < 150, child.log_tail()
+
+    broker.start()  # the same port, empty
+    restarted = time.monotonic()
+    publish(broker.bootstrap, "items", [item("after")])
+    publish(broker.bootstrap, "events", [like("reader", "after")])
+    wait(child, "the item published after the restart", lambda: known(client, "after"), RESUME_S)
+    item_s = time.monotonic() - restarted
+    wait(
+        child,
+        "the event published after the restart",
+        lambda: not client.recommend("reader", 1).cold_start,
+        RESUME_S,
+    )
+    event_s = time.monotonic() - restarted
+    wait(
+        child,
+        "the worker to re-read the new topics from their start",
+        lambda: "re-reading" in child.log_tail(20_000),
+        RESUME_S,
+    )
+    print(
+        f"outage {OUTAGE_S:.0f} s, slowest ranker call {slowest * 1000:.0f} ms, "
+        f"{logged} log lines; broker restart -> new item served {item_s:.1f} s, "
+        f"-> event folded {event_s:.1f} s"
+    )
+
+
+def tansu_pid(child: ChildStack) -> int:
+    """The broker `fusionrec up` started: its child process listening on the broker port."""
+    listener = f"tcp://127.0.0.1:{child.broker_port}".encode()
+    tasks = Path(f"/proc/{child.process.pid}/task")
+    if not tasks.is_dir():
+        pytest.skip("needs /proc to find the embedded broker's process")
+    for task in tasks.iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            pytest.skip("needs /proc/<pid>/task/<tid>/children to find the embedded broker")
+        for pid in pids:
+            if listener in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no child of the stack listens on {listener.decode()}")
+
+
+def test_up_restarts_its_embedded_broker(running, tmp_path: Path) -> None:
+    child, client = running({})
+    publish(child.bootstrap, "items", [item("before")])
+    wait(child, "the first item", lambda: known(client, "before"), 60)
+
+    os.kill(tansu_pid(child), signal.SIGKILL)
+    killed = time.monotonic()
+    assert known(client, "before")
+    wait(child, "the loss to be logged", lambda: "LOST" in child.log_tail(20_000), 30)
+    wait_for_port("127.0.0.1", child.broker_port, 30)
+    # A bad message first: dead-letters must exist again on the new broker for it to land.
+    publisher = Publisher(load_settings(kafka={"bootstrap": child.bootstrap}))
+    try:
+        publisher.send_raw("items", b"k", b"{not json")
+        publisher.publish_all("items", [item("after")])
+    finally:
+        publisher.close()
+    wait(child, "the item published after the restart", lambda: known(client, "after"), RESUME_S)
+    print(f"broker SIGKILLed -> new item served {time.monotonic() - killed:.1f} s")
+
+    consumer = KafkaConsumer(
+        "dead-letters",
+        bootstrap_servers=child.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=30_000,  # gives up after this long with nothing new
+    )
+    letters = []
+    try:
+        for message in consumer:
+            letters.append(json.loads(message.value)["reason"])
+            if "invalid JSON" in letters[-1]:
+                break
+        else:
+            raise AssertionError(f"no dead letter for the bad message: {letters}")
+    finally:
+        consumer.close()
