@@ -295,8 +295,7 @@ def fit(
     config: Config = None,
 ) -> None:
     """Fit the ranker's popularity half-life and weight, modality and tag weights on history."""
-    from fusionrec import fitting
-    from fusionrec.evaluation import Dataset, encode_items, item_docs
+    from fusionrec.evaluation import Dataset, encode_items, fit_weights, item_docs
 
     if protocol.upper() not in ("A", "B"):
         raise typer.BadParameter("--protocol is A or B")
@@ -304,16 +303,7 @@ def fit(
     ds = Dataset.load(data.resolve())
     v = encode_items(item_docs(ds), settings, settings.data_dir / "fit-cache" / "items.npz")
     try:
-        result = fitting.fit(
-            ds.ratings,
-            v.ids,
-            v.vectors,
-            v.present,
-            settings,
-            protocol.upper(),
-            seed,
-            item_tags=[d.get("tags", []) for d in item_docs(ds)],
-        )
+        result = fit_weights(ds, ds.ratings, v, settings, protocol.upper(), seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     out.write_text(result.toml())

@@ -181,6 +181,21 @@ def encode_items(docs: list[dict[str, Any]], settings: Settings, cache: Path) ->
     return ItemVectors(ids, vecs, present)
 
 
+def fit_weights(
+    ds: Dataset,
+    history: Sequence[p.Rating],
+    items: ItemVectors,
+    settings: Settings,
+    protocol: str,
+    seed: int,
+) -> fitting.Fit:
+    """fusionrec.fitting on a data set: its items' vectors and their tags (the genres)."""
+    tags = [d.get("tags", []) for d in item_docs(ds)]
+    return fitting.fit(
+        history, items.ids, items.vectors, items.present, settings, protocol, seed, item_tags=tags
+    )
+
+
 # -- peers ------------------------------------------------------------------------------------
 class Peer:
     """Scores every item of the catalog for a user, from history only."""
@@ -621,15 +636,8 @@ class Evaluation:
         v = self.vectors()
         with console.status(f"protocol {split.name}: fitting weights on held-out history"):
             try:
-                result = fitting.fit(
-                    split.history,
-                    v.ids,
-                    v.vectors,
-                    v.present,
-                    self.settings,
-                    split.name,
-                    self.seed,
-                    item_tags=[d.get("tags", []) for d in item_docs(self.ds)],
+                result = fit_weights(
+                    self.ds, split.history, v, self.settings, split.name, self.seed
                 )
             except ValueError as exc:
                 self.notes.append(f"protocol {split.name}: weights not fitted ({exc})")

@@ -46,11 +46,14 @@ class Fit:
     validation_users: int = 0
 
     def ablation(self) -> list[tuple[str, float]]:
-        """Held-out NDCG@20 with each fitted part taken away (the rest kept as fitted)."""
-        best = self.best
+        """Held-out NDCG@20 with each fitted part taken away, the rest kept as fitted except the
+        parts named as re-fitted (taking popularity away leaves its half-life meaningless)."""
 
-        def without(**fixed: float) -> float:
-            rows = [r for r in self.rows if all(r[k] == v for k, v in fixed.items())]
+        def without(part: str, value: float, refit: tuple[str, ...] = ()) -> float:
+            kept = {k: v for k, v in self.best.items() if k not in (part, "ndcg@20", *refit)}
+            rows = [
+                r for r in self.rows if r[part] == value and all(r[k] == v for k, v in kept.items())
+            ]
             return max((r["ndcg@20"] for r in rows), default=math.nan)
 
         return [
@@ -58,36 +61,16 @@ class Fit:
             ("fitted: all parts", self.ndcg),
             (
                 "without trending popularity (all-time sum)",
-                without(
-                    popularity_half_life_days=math.inf,
-                    image_to_text=best["image_to_text"],
-                    tag_weight=best["tag_weight"],
-                ),
+                without("popularity_half_life_days", math.inf, refit=("popularity_weight",)),
             ),
             (
                 "without popularity (weight 0)",
-                without(
-                    popularity_weight=0.0,
-                    image_to_text=best["image_to_text"],
-                    tag_weight=best["tag_weight"],
-                ),
+                without("popularity_weight", 0.0, refit=("popularity_half_life_days",)),
             ),
-            (
-                "without fitted modality weights (image = text)",
-                without(
-                    image_to_text=1.0,
-                    popularity_half_life_days=best["popularity_half_life_days"],
-                    popularity_weight=best["popularity_weight"],
-                    tag_weight=best["tag_weight"],
-                ),
-            ),
+            ("without fitted modality weights (image = text)", without("image_to_text", 1.0)),
             (
                 "without tag affinity (weight 0)",
-                without(
-                    tag_weight=0.0,
-                    popularity_half_life_days=best["popularity_half_life_days"],
-                    popularity_weight=best["popularity_weight"],
-                ),
+                without("tag_weight", 0.0, refit=("image_to_text",)),
             ),
         ]
 
