@@ -5,8 +5,11 @@ of positives by time; protocol B: a fifth of its items held out cold), the first
 replayed through the same pure functions the worker and the ranker use (streams.profiles for
 profiles and decayed popularity, serving.fusion for scores), and a small grid is searched for
 the best NDCG@20 on the held-out part: the popularity half-life, the popularity weight, the
-image-to-text weight and the weight of the tag affinity. Recency is left as set: the ranker
-measures an item's age by its own clock, which a replay of old data cannot share. The winner
+image-to-text weight and the weight of the tag affinity. The co-engagement weight is then
+fitted the way the stream uses it: the held-out part (by time) replayed event by event, each
+sampled positive asked about before it is applied (as protocol C). Recency is left as set: the
+ranker measures an item's age by its own clock, which a replay of old data cannot share. The
+winner
 is written as settings (`fusionrec fit`) or handed to the evaluator's stack; every row of the
 grid is kept, as the ablation behind the choice.
 """
@@ -23,14 +26,25 @@ from typing import Any
 import numpy as np
 
 from fusionrec import protocols as p
-from fusionrec.settings import Settings
+from fusionrec.settings import ProfileSettings, Settings
 from serving import fusion
-from streams.profiles import DAY_S, accumulate, event_weight, fold, fold_tags
+from streams.profiles import (
+    DAY_S,
+    accumulate,
+    add_co,
+    co_engage,
+    event_weight,
+    fold,
+    fold_tags,
+)
 
 HALF_LIVES_DAYS = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0, math.inf)
 POPULARITY_WEIGHTS = (0.0, 0.05, 0.3, 1.0, 3.0, 10.0)
 IMAGE_TO_TEXT = (0.3, 1.0, 3.0)
 TAG_WEIGHTS = (0.0, 0.5, 1.0, 3.0)
+CO_WEIGHTS = (0.0, 0.3, 1.0, 3.0, 10.0)
+# Positives asked about in the prequential replay that fits the co-engagement weight.
+MAX_ASKED = 1000
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Fit:
     best: dict[str, Any] = field(default_factory=dict)  # the chosen row of the grid
     rows: list[dict[str, Any]] = field(default_factory=list)
     validation_users: int = 0
+    co_rows: list[dict[str, Any]] = field(default_factory=list)  # prequential: weight, NDCG@20
+    co_asked: int = 0
 
     def ablation(self) -> list[tuple[str, float]]:
         """Held-out NDCG@20 with each fitted part taken away, the rest kept as fitted except the
@@ -72,6 +88,19 @@ class Fit:
                 "without tag affinity (weight 0)",
                 without("tag_weight", 0.0, refit=("image_to_text",)),
             ),
+            *self.co_ablation(),
+        ]
+
+    def co_ablation(self) -> list[tuple[str, float]]:
+        """The prequential replay's NDCG@20 (a different figure from the rows above) with the
+        fitted co-engagement weight and without co-engagement."""
+        if not self.co_rows:
+            return []
+        weight = self.settings["ranker"]["co_weight"]
+        ndcg = {row["co_weight"]: row["ndcg@20"] for row in self.co_rows}
+        return [
+            (f"prequential replay ({self.co_asked} asked): fitted co-engagement", ndcg[weight]),
+            ("prequential replay: without co-engagement (weight 0)", ndcg[0.0]),
         ]
 
     def env(self) -> dict[str, str]:
@@ -114,6 +143,77 @@ def validation_split(history: Sequence[p.Rating], protocol: str, seed: int = 0) 
     return p.protocol_b(history, seed) if protocol == "B" else p.protocol_a(history)
 
 
+class Replay:
+    """The worker's state rebuilt in-process by its own pure functions (streams.profiles):
+    profiles, tag affinity, what each user rated, decayed popularity (at every half-life of the
+    grid) and co-engagement."""
+
+    def __init__(
+        self,
+        item_ids: list[str],
+        vectors: dict[str, np.ndarray],
+        present: dict[str, np.ndarray],
+        item_tags: Sequence[Sequence[str]],
+        cfg: ProfileSettings,
+    ) -> None:
+        self.index = {i: j for j, i in enumerate(item_ids)}
+        self.vectors, self.present, self.item_tags, self.cfg = vectors, present, item_tags, cfg
+        self.half_life_s = cfg.half_life_days * DAY_S
+        self.profiles: dict[str, dict[str, np.ndarray]] = {}
+        self.affinity: dict[str, dict[str, float]] = {}
+        self.t_ref: dict[str, float] = defaultdict(float)
+        self.rated: dict[str, set[int]] = defaultdict(set)
+        self.positives: dict[str, list[str]] = defaultdict(list)
+        self.co: dict[str, dict[str, float]] = defaultdict(dict)
+        self.last_positive: dict[str, float] = {}
+        self.now = 0.0  # the newest event time applied: the stream's clock
+        self.popularity = {
+            hl: (np.zeros(len(item_ids)), np.zeros(len(item_ids)))
+            for hl in {*HALF_LIVES_DAYS, cfg.popularity_half_life_days}
+        }
+
+    def apply(self, r: p.Rating) -> None:
+        j = self.index.get(r.item)
+        if j is None:
+            return
+        u, t, cfg = r.user, r.ts or 0.0, self.cfg
+        self.now = max(self.now, t)
+        self.rated[u].add(j)
+        w = event_weight("rating", r.value, cfg)
+        item = {m: v[j] for m, v in self.vectors.items() if self.present[m][j]}
+        self.affinity[u] = fold_tags(
+            self.affinity.get(u, {}), self.t_ref[u], self.item_tags[j], w, t,
+            self.half_life_s, cfg.tag_cap,
+        )  # fmt: skip
+        self.profiles[u], self.t_ref[u] = fold(
+            self.profiles.get(u, {}), self.t_ref[u], item, w, t, self.half_life_s
+        )
+        if w <= 0:
+            return
+        self.last_positive[u] = max(t, self.last_positive.get(u, t))
+        for hl, (value, at) in self.popularity.items():
+            value[j], at[j] = accumulate(value[j], at[j], w, t, hl * DAY_S)
+        for partner in co_engage(self.positives[u], r.item, cfg.co_window):
+            for a, b in ((r.item, partner), (partner, r.item)):
+                self.co[a] = add_co(self.co[a], {b: 1}, cfg.co_cap)
+
+    def popularity_prior(self, half_life_days: float) -> np.ndarray:
+        """The popularity prior every user sees now, as the ranker computes it."""
+        value, at = self.popularity[half_life_days]
+        return fusion.popularity_prior(value, at, half_life_days * DAY_S)
+
+    def co_prior(self, user: str, recent: int, n: int, session_s: float) -> np.ndarray:
+        """The ranker's co-engagement prior for every item: with the user's latest positives."""
+        counts = fusion.co_counts(
+            [self.co[i] for i in self.positives[user][-recent:]] if recent else []
+        )
+        out = np.zeros(n)
+        for item, c in counts.items():
+            out[self.index[item]] = c
+        gate = fusion.session_gate(self.last_positive.get(user, self.now), self.now, session_s)
+        return gate * fusion.count_prior(out)
+
+
 def fit(
     history: Sequence[p.Rating],
     item_ids: list[str],
@@ -124,39 +224,15 @@ def fit(
     seed: int = 0,
     item_tags: Sequence[Sequence[str]] | None = None,
 ) -> Fit:
-    """Grid search on the held-out slice; ties go to the earlier (simpler) row of the grid."""
+    """Grid search on the held-out slice; ties go to the earlier (simpler) row of the grid.
+    Then the co-engagement weight, on a prequential replay (`_fit_co`)."""
     item_tags = item_tags if item_tags is not None else [()] * len(item_ids)
     split = validation_split(history, protocol, seed)
-    index = {i: j for j, i in enumerate(item_ids)}
     cfg = settings.profiles
-    half_life_s = cfg.half_life_days * DAY_S
-    profiles: dict[str, dict[str, np.ndarray]] = {}
-    affinity: dict[str, dict[str, float]] = {}
-    t_ref: dict[str, float] = defaultdict(float)
-    rated: dict[str, set[int]] = defaultdict(set)
-    gains: list[tuple[int, float, float]] = []
+    replay = Replay(item_ids, vectors, present, item_tags, cfg)
     for r in split.history:
-        j = index.get(r.item)
-        if j is None:
-            continue
-        rated[r.user].add(j)
-        w = event_weight("rating", r.value, cfg)
-        item = {m: v[j] for m, v in vectors.items() if present[m][j]}
-        affinity[r.user] = fold_tags(
-            affinity.get(r.user, {}),
-            t_ref[r.user],
-            item_tags[j],
-            w,
-            r.ts or 0.0,
-            half_life_s,
-            cfg.tag_cap,
-        )
-        profiles[r.user], t_ref[r.user] = fold(
-            profiles.get(r.user, {}), t_ref[r.user], item, w, r.ts or 0.0, half_life_s
-        )
-        if w > 0:
-            gains.append((j, w, r.ts or 0.0))
-    priors = {hl: _popularity(gains, len(item_ids), hl) for hl in HALF_LIVES_DAYS}
+        replay.apply(r)
+    index, rated = replay.index, replay.rated
     base = settings.ranker.modality_weights
     ratios = IMAGE_TO_TEXT if {"text", "image"} <= set(vectors) else (1.0,)
     users = sorted(split.positives)
@@ -166,16 +242,15 @@ def fit(
         excluded[row, list(rated[u])] = True
         relevant[row, [index[i] for i in split.positives[u] if i in index]] = True
     tag_weights = TAG_WEIGHTS if any(item_tags) else (0.0,)
-    state = (users, profiles, affinity, vectors, present, item_tags)
     content = {
-        (ratio, w_tags): _content(*state, _weights(base, ratio, w_tags))
+        (ratio, w_tags): _content(replay, users, _weights(base, ratio, w_tags))
         for ratio, w_tags in itertools.product(ratios, tag_weights)
     }
     rows = []
     for hl, w_pop, ratio, w_tags in itertools.product(
         HALF_LIVES_DAYS, POPULARITY_WEIGHTS, ratios, tag_weights
     ):
-        scores = content[ratio, w_tags] + w_pop * priors[hl][None, :]
+        scores = content[ratio, w_tags] + w_pop * replay.popularity_prior(hl)[None, :]
         rows.append(
             {
                 "popularity_half_life_days": hl,
@@ -194,9 +269,9 @@ def fit(
         ),
     )
     default = ndcg_matrix(
-        _content(*state, _weights(base, 1.0, settings.ranker.tag_weight, image_to_text=False))
+        _content(replay, users, _weights(base, 1.0, settings.ranker.tag_weight, False))
         + settings.ranker.popularity_weight
-        * _popularity(gains, len(item_ids), cfg.popularity_half_life_days)[None, :],
+        * replay.popularity_prior(cfg.popularity_half_life_days)[None, :],
         excluded,
         relevant,
     )
@@ -208,7 +283,51 @@ def fit(
             "tag_weight": best["tag_weight"],
         },
     }
-    return Fit(protocol, chosen, best["ndcg@20"], default, best, rows, len(users))
+    result = Fit(protocol, chosen, best["ndcg@20"], default, best, rows, len(users))
+    if protocol == "B":  # co-engagement is fitted on time, which B's split does not follow
+        split = p.protocol_a(history)
+        replay = Replay(item_ids, vectors, present, item_tags, cfg)
+        for r in split.history:
+            replay.apply(r)
+    _fit_co(result, replay, split.test, settings, seed)
+    return result
+
+
+def _fit_co(
+    result: Fit, replay: Replay, test: Sequence[p.Rating], settings: Settings, seed: int
+) -> None:
+    """The co-engagement weight, fitted as the stream uses it (as protocol C): the held-out
+    events are replayed in order, and before each sampled positive the user's ranking is scored
+    with each weight (the rest as fitted), then the event is applied."""
+    ranker = {**settings.ranker.model_dump(), **result.settings["ranker"]}
+    best = result.best
+    weights = _weights(ranker["modality_weights"], 1.0, best["tag_weight"], False)
+    where = [k for k, r in enumerate(test) if r.positive and r.item in replay.index]
+    chosen = {where[s] for s in p.sample_indices(len(where), MAX_ASKED, seed)}
+    n = len(replay.index)
+    gains = {w: [] for w in CO_WEIGHTS}
+    for k, r in enumerate(test):
+        if k in chosen:
+            j = replay.index[r.item]
+            base = _content(replay, [r.user], weights)[0] + best[
+                "popularity_weight"
+            ] * replay.popularity_prior(best["popularity_half_life_days"])
+            co = replay.co_prior(
+                r.user, settings.ranker.co_recent, n, ranker["co_session_half_life_hours"] * 3600
+            )
+            blocked = np.zeros(n, bool)
+            blocked[list(replay.rated[r.user])] = True
+            for w, got in gains.items():
+                s = np.where(blocked, -np.inf, base + w * co)
+                rank = int((s > s[j]).sum())
+                got.append(1.0 / math.log2(rank + 2) if rank < p.K else 0.0)
+        replay.apply(r)
+    result.co_rows = [
+        {"co_weight": w, "ndcg@20": float(np.mean(g)) if g else 0.0} for w, g in gains.items()
+    ]
+    result.co_asked = len(chosen)
+    top = max(result.co_rows, key=lambda row: row["ndcg@20"])
+    result.settings["ranker"]["co_weight"] = top["co_weight"]
 
 
 def _modality_weights(base: dict[str, float], image_to_text: float) -> dict[str, float]:
@@ -218,39 +337,26 @@ def _modality_weights(base: dict[str, float], image_to_text: float) -> dict[str,
     return out
 
 
-def _popularity(gains: list[tuple[int, float, float]], n: int, half_life_days: float) -> np.ndarray:
-    """The popularity prior every user sees, as the ranker computes it at the end of history."""
-    value, at = np.zeros(n), np.zeros(n)
-    for j, w, t in sorted(gains, key=lambda g: g[2]):
-        value[j], at[j] = accumulate(value[j], at[j], w, t, half_life_days * DAY_S)
-    return fusion.popularity_prior(value, at, half_life_days * DAY_S)
-
-
 def _weights(
     base: dict[str, float], ratio: float, w_tags: float, image_to_text: bool = True
 ) -> dict[str, float]:
     return {**(_modality_weights(base, ratio) if image_to_text else base), fusion.TAGS: w_tags}
 
 
-def _content(
-    users: list[str],
-    profiles: dict[str, dict[str, np.ndarray]],
-    affinity: dict[str, dict[str, float]],
-    vectors: dict[str, np.ndarray],
-    present: dict[str, np.ndarray],
-    item_tags: Sequence[Sequence[str]],
-    weights: dict[str, float],
-) -> np.ndarray:
+def _content(replay: Replay, users: list[str], weights: dict[str, float]) -> np.ndarray:
     """What the ranker's `fuse` gives each user for every item (modalities and tag affinity),
     all users at once: one row each, zero where a user lacks a modality."""
+    vectors, present, item_tags = replay.vectors, replay.present, replay.item_tags
     stacked = {
-        m: np.stack([profiles.get(u, {}).get(m, np.zeros(v.shape[1])) for u in users])
+        m: np.stack([replay.profiles.get(u, {}).get(m, np.zeros(v.shape[1])) for u in users])
         for m, v in vectors.items()
     }
     items, has = dict(vectors), dict(present)
     vocabulary = sorted({t for tags in item_tags for t in tags})
     if vocabulary:
-        rows = [fusion.tag_vectors(affinity.get(u, {}), item_tags, vocabulary) for u in users]
+        rows = [
+            fusion.tag_vectors(replay.affinity.get(u, {}), item_tags, vocabulary) for u in users
+        ]
         stacked[fusion.TAGS] = np.stack([row[0] for row in rows])
         _, items[fusion.TAGS], has[fusion.TAGS] = fusion.tag_vectors({}, item_tags, vocabulary)
     scores, _ = fusion.fuse(stacked, items, has, weights)

@@ -142,6 +142,10 @@ class ProfileSettings(_Section):
     seen_cap: int = 5000
     # The strongest tags a profile keeps an affinity for.
     tag_cap: int = Field(200, ge=1)
+    # A positive is co-engaged with the user's previous `co_window` positives; an item keeps
+    # counts for its `co_cap` most co-engaged partners. 10 was best on MovieLens history.
+    co_window: int = Field(10, ge=1)
+    co_cap: int = Field(100, ge=1)
     dedupe_window: int = 2000
     # Events whose item has not arrived are held this long, then dead-lettered.
     pending_ttl_s: float = 7 * 24 * 3600.0
@@ -167,6 +171,15 @@ class RankerSettings(_Section):
     # Weight of the user's tag affinity (cosine to the item's tags) beside the modalities.
     tag_weight: float = Field(0.5, ge=0)
     recency_half_life_days: float = 7.0
+    # Co-engagement: items others engaged next to the user's `co_recent` latest positives
+    # join the candidates (up to `co_candidates`) and score log-scaled counts times `co_weight`.
+    co_weight: float = Field(1.0, ge=0)
+    co_recent: int = Field(3, ge=0)
+    co_candidates: int = Field(100, ge=0)
+    # Co-engagement counts for a user by this half-life of the time since their last positive,
+    # measured on the stream's clock (the newest event among the candidates): it predicts the
+    # next positive within a session and hurt long-range rankings after (MovieLens history).
+    co_session_half_life_hours: float = Field(24.0, gt=0)
     max_limit: int = 200
     max_id_length: int = 256
     # Ranker calls admitted at once (running or queued); more are refused with

@@ -26,6 +26,8 @@ POPULARITY_AT = "popularity_at"
 # ln(popularity) + popularity_at * ln 2 / half-life: orders items by popularity decayed to any
 # common time, so the store can rank "popular now" without rewriting every item as time passes.
 TREND = "trend"
+# {item id: count}: how often users engaged that item right after this one, or before it.
+CO_ENGAGED = "co_engaged"
 
 
 def item_point_id(item_id: str) -> str:

@@ -1,7 +1,8 @@
 """Candidate generation: every source in one `query_batch_points` round trip, vectors included.
 
 Sources: the nearest items to each query vector (one request per modality), the newest items
-("fresh") and the most popular ("popular"). Each request carries the same filter and returns
+("fresh"), the most popular ("popular") and items named by the caller ("co-engaged": fetched by
+id, through the filter when there is one). Each request carries the same filter and returns
 payload and vectors, so fusion needs no second fetch. `OrderByQuery` serves fresh and popular in
 local mode and on a server alike (a server needs the range indexes `ensure_collections` makes).
 
@@ -34,6 +35,7 @@ from fusionrec.store import (
 
 FRESH = "fresh"
 POPULAR = "popular"
+CO_ENGAGED = "co-engaged"
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,13 @@ def generate(
     popular: int,
     exclude: Collection[str] = (),
     priors: PriorCache | None = None,
+    also: Collection[str] = (),
 ) -> Candidates:
     """Union of all sources, deduplicated, remembering which sources found each item.
+
+    `also` holds point ids to add as candidates (the caller has excluded what it must). Without
+    a filter they are read by id, which local mode answers without a scan; with one they go
+    through it in the same batch.
 
     `exclude` holds point ids no source may return. Up to `per_modality` of them are dropped from
     answers over-fetched by their number (exact: at most that many can fall out); more go to the
@@ -142,11 +149,13 @@ def generate(
     if over > per_modality:
         query_filter, over, priors = _with_excluded(query_filter, excluded), 0, None
 
-    def request(query: Any, limit: int, using: str | None = None) -> models.QueryRequest:
+    def request(
+        query: Any, limit: int, using: str | None = None, where: models.Filter | None = None
+    ) -> models.QueryRequest:
         return models.QueryRequest(
             query=query,
             using=using,
-            filter=query_filter,
+            filter=where or query_filter,
             limit=limit,
             with_payload=True,
             with_vector=names,
@@ -175,6 +184,12 @@ def generate(
         cache_key = f"{label}:{fetch}:{query_filter.model_dump_json() if query_filter else ''}"
         hit = priors.get(cache_key)
         planned.append((label, limit, cache_key, request(order, fetch) if hit is None else hit))
+    named: list[Any] = []
+    if also and query_filter is None:
+        named = client.retrieve(collection, list(also), with_payload=True, with_vectors=names)
+    elif also:
+        only = models.Filter(must=[query_filter, models.HasIdCondition(has_id=list(also))])
+        planned.append((CO_ENGAGED, len(also), None, request(None, len(also), where=only)))
     asked = [r for *_, r in planned if isinstance(r, models.QueryRequest)]
     answers = iter(client.query_batch_points(collection, requests=asked) if asked else ())
     found = []
@@ -186,6 +201,8 @@ def generate(
         else:
             points = source
         found.append((label, [p for p in points if str(p.id) not in excluded][:limit]))
+    if named:
+        found.append((CO_ENGAGED, named))
     return _merge(layout, found)
 
 
@@ -196,7 +213,7 @@ def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> 
     return query_filter.model_copy(update={"must_not": not_these})
 
 
-def _merge(layout: Layout, found: list[tuple[str, list[models.ScoredPoint]]]) -> Candidates:
+def _merge(layout: Layout, found: list[tuple[str, list[Any]]]) -> Candidates:
     index: dict[str, int] = {}
     out = Candidates()
     rows: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ import numpy as np
 # Contribution keys of the priors, beside the modality names.
 POPULARITY = "popularity"
 RECENCY = "recency"
+CO_ENGAGEMENT = "co_engagement"
 # Tag affinity takes part in `fuse` as one more modality under this key.
 TAGS = "tags"
 
@@ -109,22 +110,40 @@ def tag_vectors(
     return user, items, present
 
 
+def count_prior(counts: np.ndarray) -> np.ndarray:
+    """log1p(count) scaled to [0, 1] by the largest among the candidates; 0 when none has any."""
+    logs = np.log1p(np.clip(np.nan_to_num(np.asarray(counts, dtype=np.float64)), 0.0, None))
+    top = logs.max(initial=0.0)
+    return logs / top if top > 0 else np.zeros_like(logs)
+
+
 def popularity_prior(
     popularity: np.ndarray, at: np.ndarray | None = None, half_life_s: float = np.inf
 ) -> np.ndarray:
-    """log1p(popularity) scaled to [0, 1] by the most popular candidate; 0 when none has any.
-
-    Each popularity is a decayed sum as of its time `at`: it is first decayed to the newest of
-    those times, so candidates compare as of one moment (the latest activity among them) and
-    the answer does not depend on the ranker's clock.
+    """`count_prior` of the popularity, each first decayed from its time `at` to the newest of
+    those times: candidates compare as of one moment (the latest activity among them), so the
+    answer does not depend on the ranker's clock.
     """
     pop = np.clip(np.nan_to_num(np.asarray(popularity, dtype=np.float64)), 0.0, None)
     if at is not None and np.isfinite(half_life_s) and pop.any():
         t = np.nan_to_num(np.asarray(at, dtype=np.float64))
         pop = pop * np.exp2(-(t[pop > 0].max() - t) / half_life_s)
-    logs = np.log1p(pop)
-    top = logs.max(initial=0.0)
-    return logs / top if top > 0 else np.zeros_like(logs)
+    return count_prior(pop)
+
+
+def session_gate(last_positive_at: float, now: float, half_life_s: float) -> float:
+    """0.5 ** (time since the user's last positive / half-life): co-engagement predicts what a
+    user engages next while a session lasts, and only distracts from the profile after it."""
+    return float(np.exp2(-max(now - last_positive_at, 0.0) / half_life_s))
+
+
+def co_counts(neighbours: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Co-engagement with a few recent items: the sum of their counts per partner item."""
+    out: dict[str, float] = {}
+    for counts in neighbours:
+        for item, n in counts.items():
+            out[item] = out.get(item, 0.0) + float(n)
+    return out
 
 
 def recency_prior(created_at: np.ndarray, now: float, half_life_s: float) -> np.ndarray:

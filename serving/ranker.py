@@ -19,6 +19,7 @@ from qdrant_client import QdrantClient
 from fusionrec.settings import MODALITIES, Settings
 from fusionrec.store import (
     CATEGORY,
+    CO_ENGAGED,
     CREATED_AT,
     POPULARITY,
     POPULARITY_AT,
@@ -179,14 +180,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         weights = self._weights(layout, overrides, payload.get("modality_weights") or {})
         queries = _queries(vectors, layout, weights)
         exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
-        seen = (payload.get("seen") or []) if exclude_seen else []
-        found = await self._candidates(
-            context, layout, queries, request.filter, [item_point_id(s) for s in seen], True
-        )
-        stored = {str(t): _number(v) for t, v in (payload.get("tag_affinity") or {}).items()}
-        affinity = {t: v for t, v in stored.items() if math.isfinite(v)}
+        seen = [str(s) for s in payload.get("seen") or []] if exclude_seen else []
+        recent = self._settings.ranker.co_recent
+        positives = [str(i) for i in payload.get("positives") or []][-recent:] if recent else []
+        co = await self._co_engaged(context, positives)
+        found = await self._candidates(context, layout, queries, request.filter, seen, True, co)
+        affinity = _numbers(payload.get("tag_affinity"))
+        session = (co, _numbers({"at": payload.get("positive_at")}).get("at", 0.0))
         return ranker_pb2.RecommendResponse(
-            items=self._rank(found, queries, affinity, weights, request.limit, request.explain),
+            items=self._rank(
+                found, queries, affinity, session, weights, request.limit, request.explain
+            ),
             cold_start=not queries,
             modality_weights=weights if request.explain else {},
         )
@@ -203,7 +207,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             lambda: self._client.retrieve(
                 q.items_collection,
                 [point_id],
-                with_payload=[TAGS],
+                with_payload=[TAGS, CO_ENGAGED],
                 with_vectors=sorted(layout.vector_names.values()),
             ),
         )
@@ -211,13 +215,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"item {request.item_id!r} not found")
         weights = self._weights(layout, overrides, {})
         queries = _queries(items[0].vector, layout, weights)
+        payload = items[0].payload or {}
+        co = _numbers(payload.get(CO_ENGAGED))
         # An item with no usable vector still gets an answer: the popular and fresh items.
         found = await self._candidates(
-            context, layout, queries, request.filter, [point_id], not queries
+            context, layout, queries, request.filter, [request.item_id], not queries, co
         )
-        tags = {str(t): 1.0 for t in (items[0].payload or {}).get(TAGS) or []}
+        tags = {str(t): 1.0 for t in payload.get(TAGS) or []}
         return ranker_pb2.SimilarItemsResponse(
-            items=self._rank(found, queries, tags, weights, request.limit, request.explain),
+            items=self._rank(
+                found, queries, tags, (co, None), weights, request.limit, request.explain
+            ),
             modality_weights=weights if request.explain else {},
         )
 
@@ -233,6 +241,22 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             out[m] = overrides.get(m, base.get(m, 0.0)) * user
         return out
 
+    async def _co_engaged(
+        self, context: grpc.aio.ServicerContext, item_ids: list[str]
+    ) -> dict[str, float]:
+        """How often others engaged each item next to these (the user's latest positives)."""
+        if not item_ids or self._settings.ranker.co_weight <= 0:
+            return {}
+        points = await self._store(
+            context,
+            lambda: self._client.retrieve(
+                self._settings.qdrant.items_collection,
+                [item_point_id(i) for i in item_ids],
+                with_payload=[CO_ENGAGED],
+            ),
+        )
+        return fusion.co_counts([_numbers((p.payload or {}).get(CO_ENGAGED)) for p in points])
+
     async def _candidates(
         self,
         context: grpc.aio.ServicerContext,
@@ -241,9 +265,15 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         f: ranker_pb2.Filter,
         exclude: list[str],
         with_priors: bool,
+        co: Mapping[str, float],
     ) -> Candidates:
+        """Vector search, the priors' lists (`with_priors`) and the most co-engaged items;
+        none of the items in `exclude` (ids)."""
         r = self._settings.ranker
         query_filter = build_filter(f.categories, f.tags, dict(f.attributes))
+        excluded = set(exclude)
+        best = sorted((i for i in co if i not in excluded), key=lambda i: (-co[i], i))
+        also = [item_point_id(i) for i in best[: r.co_candidates]]
         return await self._store(
             context,
             lambda: generate(
@@ -255,8 +285,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 per_modality=r.candidates_per_modality,
                 fresh=r.fresh_candidates if with_priors else 0,
                 popular=r.popular_candidates if with_priors else 0,
-                exclude=exclude,
+                exclude=[item_point_id(i) for i in exclude],
                 priors=self._priors,
+                also=also,
             ),
         )
 
@@ -265,12 +296,21 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         found: Candidates,
         queries: Mapping[str, np.ndarray],
         affinity: Mapping[str, float],
+        co: tuple[Mapping[str, float], float | None],
         weights: Mapping[str, float],
         limit: int,
         explain: bool,
     ) -> list[ranker_pb2.ScoredItem]:
-        """Fuse the modalities and the tag affinity (as one more modality), add the priors."""
+        """Fuse the modalities and the tag affinity (as one more modality), add the priors:
+        popularity, recency and co-engagement. `co` is the counts and the time of the user's
+        last positive (None: the counts are of the query item, no session to age)."""
         r = self._settings.ranker
+        counts, last_positive = co
+        popularity_at = np.array([_number(p.get(POPULARITY_AT)) for p in found.payloads])
+        # The stream's clock: the newest positive among the candidates (or the user's own).
+        now = max(np.nanmax(popularity_at, initial=0.0), last_positive or 0.0)
+        session = r.co_session_half_life_hours * 3600.0
+        gate = 1.0 if last_positive is None else fusion.session_gate(last_positive, now, session)
         user_tags, item_tags, has_tags = fusion.tag_vectors(
             affinity, [p.get(TAGS) or [] for p in found.payloads]
         )
@@ -283,7 +323,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         priors = {
             fusion.POPULARITY: fusion.popularity_prior(
                 np.array([_number(p.get(POPULARITY)) for p in found.payloads]),
-                np.array([_number(p.get(POPULARITY_AT)) for p in found.payloads]),
+                popularity_at,
                 self._settings.profiles.popularity_half_life_days * 86400.0,
             ),
             fusion.RECENCY: fusion.recency_prior(
@@ -291,8 +331,14 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 now=self._clock(),
                 half_life_s=r.recency_half_life_days * 86400.0,
             ),
+            fusion.CO_ENGAGEMENT: gate
+            * fusion.count_prior(np.array([counts.get(i, 0.0) for i in found.ids])),
         }
-        prior_weights = {fusion.POPULARITY: r.popularity_weight, fusion.RECENCY: r.recency_weight}
+        prior_weights = {
+            fusion.POPULARITY: r.popularity_weight,
+            fusion.RECENCY: r.recency_weight,
+            fusion.CO_ENGAGEMENT: r.co_weight,
+        }
         scores, parts = fusion.add_priors(scores, parts, priors, prior_weights)
         out = []
         for i in fusion.top_k(scores, found.ids, limit):
@@ -347,6 +393,12 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"vector store unavailable: {type(exc).__name__}: {exc}",
             ) from exc
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    """A stored {key: number} map, keeping only finite numbers (payloads are not trusted)."""
+    pairs = ((str(k), _number(v)) for k, v in (value if isinstance(value, dict) else {}).items())
+    return {k: v for k, v in pairs if math.isfinite(v)}
 
 
 def _queries(vectors: Any, layout: Layout, weights: Mapping[str, float]) -> dict[str, np.ndarray]:

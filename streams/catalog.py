@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -12,7 +13,7 @@ from encoders.base import EncodeError, Encoder, l2_normalise
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.media import MediaError, load_media
-from streams.profiles import DAY_S, accumulate, trend
+from streams.profiles import DAY_S, accumulate, add_co, trend
 from streams.records import ItemRecord
 from streams.video import Clip, split_video
 
@@ -27,9 +28,11 @@ class CatalogItem:
     vectors: dict[str, np.ndarray]
     popularity: float
     popularity_at: float = 0.0
-    # Tokens of the latest batches folded into the popularity: a batch delivered again is refused.
+    # Tokens of the latest batches folded into the popularity and co-engagement: a batch
+    # delivered again is refused.
     batches: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    co: dict[str, float] = field(default_factory=dict)
 
 
 class Catalog:
@@ -41,6 +44,7 @@ class Catalog:
         self.encoders = encoders
         self.collection = settings.qdrant.items_collection
         self.popularity_half_life_s = settings.profiles.popularity_half_life_days * DAY_S
+        self.co_cap = settings.profiles.co_cap
 
     def encode(self, items: Sequence[ItemRecord]) -> list[dict[str, np.ndarray] | EncodeError]:
         """Vectors per item, one named vector per modality it has; or that item's error.
@@ -106,7 +110,8 @@ class Catalog:
     def upsert(self, items: Sequence[ItemRecord], vectors: Sequence[dict[str, np.ndarray]]) -> None:
         """Write items; the point id is uuid5(item id), so a replay overwrites, never duplicates.
 
-        Popularity is earned from events, not sent by producers: an update keeps it.
+        Popularity and co-engagement are earned from events, not sent by producers: an update
+        keeps them.
         """
         if not items:
             return
@@ -123,7 +128,7 @@ class Catalog:
                     store.ATTRIBUTES: dict(item.attributes),
                     store.CREATED_AT: item.created_at,
                     "modalities": sorted({store.modality_of(n) for n in vecs}),
-                    **self._popularity(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
+                    **self._engagement(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
                 },
             )
             for item, vecs in zip(items, vectors, strict=True)
@@ -152,31 +157,40 @@ class Catalog:
                 popularity_at=float(p.payload.get(store.POPULARITY_AT) or 0.0),
                 batches=tuple(p.payload.get(POPULARITY_BATCHES) or ()),
                 tags=tuple(p.payload.get(store.TAGS) or ()),
+                co=dict(p.payload.get(store.CO_ENGAGED) or {}),
             )
             for p in found
         }
 
-    def add_popularity(
+    def add_engagement(
         self,
         gains: Mapping[str, Sequence[Sequence[float]]],
+        co: Mapping[str, Mapping[str, float]],
         known: Mapping[str, CatalogItem],
         token: str,
     ) -> None:
-        """Fold one batch's (weight, event time) gains into items' decayed popularity, in one
-        round trip; `known` holds the current values. Items that already took `token` skip it."""
+        """Fold one batch into items, in one round trip: its (weight, event time) gains into
+        their decayed popularity, its {partner: count} into their co-engagement. `known` holds
+        the current values; items that already took `token` skip it."""
         ops = []
-        for item_id, events in gains.items():
+        for item_id in dict.fromkeys([*gains, *co]):
             item = known.get(item_id)
-            if item is None or not events or token in item.batches:
+            if item is None or token in item.batches:
                 continue
             value, at = item.popularity, item.popularity_at
-            for weight, t in events:
+            for weight, t in gains.get(item_id, ()):
                 value, at = accumulate(value, at, weight, t, self.popularity_half_life_s)
-            batches = (*item.batches, token)[-KEPT_BATCHES:]
+            updated = replace(
+                item,
+                popularity=value,
+                popularity_at=at,
+                batches=(*item.batches, token)[-KEPT_BATCHES:],
+                co=add_co(item.co, co.get(item_id, {}), self.co_cap),
+            )
             ops.append(
                 models.SetPayloadOperation(
                     set_payload=models.SetPayload(
-                        payload=self._popularity(CatalogItem({}, value, at, batches)),
+                        payload=self._engagement(updated),
                         points=[store.item_point_id(item_id)],
                     )
                 )
@@ -184,11 +198,13 @@ class Catalog:
         if ops:
             self.client.batch_update_points(self.collection, update_operations=ops)
 
-    def _popularity(self, item: CatalogItem) -> dict[str, float | None]:
-        """The payload fields popularity lives in: its value, its time and the ordering key."""
+    def _engagement(self, item: CatalogItem) -> dict[str, Any]:
+        """The payload fields events write: popularity (its value, its time and the ordering
+        key), the batches taken and the co-engagement counts."""
         return {
             store.POPULARITY: item.popularity,
             store.POPULARITY_AT: item.popularity_at,
             store.TREND: trend(item.popularity, item.popularity_at, self.popularity_half_life_s),
             POPULARITY_BATCHES: list(item.batches),
+            store.CO_ENGAGED: item.co,
         }

@@ -103,6 +103,31 @@ def fold_tags(
     return out
 
 
+def co_engage(positives: list[str], item_id: str, window: int) -> list[str]:
+    """Record a positive on `item_id` in a user's recent positives (oldest first, at most
+    `window`, in place); return the partners it is co-engaged with: the items before it there.
+
+    Pairs come from one user's consecutive positives rather than from everything two users ever
+    shared: "liked next" predicts the next positive far better (MovieLens, held-out replay).
+    """
+    partners = [k for k in positives[-window:] if k != item_id]
+    if item_id in positives:
+        positives.remove(item_id)
+    positives.append(item_id)
+    del positives[:-window]
+    return partners
+
+
+def add_co(co: Mapping[str, float], partners: Mapping[str, float], cap: int) -> dict[str, float]:
+    """An item's co-engagement counts with `partners` added; the `cap` strongest are kept."""
+    out = dict(co)
+    for k, n in partners.items():
+        out[k] = out.get(k, 0.0) + n
+    if len(out) > cap:
+        out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:cap])
+    return out
+
+
 def normalised(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Unit-length taste per vector name; a zero accumulator (evidence cancelled out) is dropped."""
     out = {}
@@ -123,6 +148,9 @@ class Profile:
     # Affinity for item tags (categories, genres), folded like the vectors.
     tag_affinity: dict[str, float] = field(default_factory=dict)
     seen: list[str] = field(default_factory=list)
+    # The latest positives, oldest first (`co_engage`): the ranker's co-engagement query.
+    positives: list[str] = field(default_factory=list)
+    positive_at: float = 0.0  # time of the latest positive event
     recent_event_ids: list[str] = field(default_factory=list)
     # Events whose item had not arrived yet ({"held_at", "event"}), applied when it does.
     pending: list[dict] = field(default_factory=list)

@@ -22,11 +22,12 @@ from qdrant_client import QdrantClient, models
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.catalog import Catalog, CatalogItem
-from streams.profiles import DAY_S, Profile, event_weight, fold, fold_tags
+from streams.profiles import DAY_S, Profile, co_engage, event_weight, fold, fold_tags
 from streams.records import EventRecord
 
-# Popularity owed per user: {user_id: {item_id: [[weight, event time], ...]}}
-Gains = dict[str, dict[str, list[list[float]]]]
+# What each user's batch owes its items: {user_id: {"gains": {item_id: [[weight, event time],
+# ...]}, "co": {item_id: {partner item_id: count}}}}: popularity and co-engagement.
+Gains = dict[str, dict[str, dict]]
 
 
 class Users:
@@ -176,7 +177,8 @@ class Users:
             raise
 
     def _fold(self, p: Profile, e: EventRecord, item: CatalogItem, gains: Gains) -> None:
-        """Fold the event into the profile; a positive one also owes its item popularity."""
+        """Fold the event into the profile; a positive one also owes its item popularity, and
+        co-engagement to it and the user's previous positives, both ways."""
         w = event_weight(e.type, e.value, self.cfg)
         if w:
             p.tag_affinity = fold_tags(
@@ -192,7 +194,12 @@ class Users:
                 p.vectors, p.t_ref, item.vectors, w, e.timestamp, self.half_life_s
             )
         if w > 0:
-            gains.setdefault(p.user_id, {}).setdefault(e.item_id, []).append([w, e.timestamp])
+            owed = gains.setdefault(p.user_id, {"gains": {}, "co": {}})
+            owed["gains"].setdefault(e.item_id, []).append([w, e.timestamp])
+            p.positive_at = max(p.positive_at, e.timestamp)
+            for partner in co_engage(p.positives, e.item_id, self.cfg.co_window):
+                for a, b in ((e.item_id, partner), (partner, e.item_id)):
+                    owed["co"].setdefault(a, {})[b] = owed["co"].get(a, {}).get(b, 0) + 1
 
     # -- popularity, exactly once -------------------------------------------------------------
     def _commit(self, touched: list[Profile], gains: Gains, items: dict[str, CatalogItem]) -> None:
@@ -208,7 +215,7 @@ class Users:
         token = f"{self.epoch}:{self.seq}"
         for p in touched:
             owed = gains.get(p.user_id)
-            p.outbox = {"token": token, "gains": owed} if owed else None
+            p.outbox = {"token": token, **owed} if owed else None
         self.save(touched)
         self._deliver([p for p in touched if p.outbox], items)
 
@@ -233,18 +240,23 @@ class Users:
     ) -> None:
         if not owing:
             return
-        by_token: dict[str, dict[str, list]] = {}
+        by_token: dict[str, tuple[dict[str, list], dict[str, dict[str, float]]]] = {}
         for p in owing:
             assert p.outbox is not None
-            merged = by_token.setdefault(p.outbox["token"], {})
-            for item_id, events in p.outbox["gains"].items():
-                merged.setdefault(item_id, []).extend(events)
-        if items is None:
-            items = self.catalog.lookup({i for g in by_token.values() for i in g})
+            gains, co = by_token.setdefault(p.outbox["token"], ({}, {}))
+            for item_id, events in p.outbox.get("gains", {}).items():
+                gains.setdefault(item_id, []).extend(events)
+            for item_id, partners in p.outbox.get("co", {}).items():
+                merged = co.setdefault(item_id, {})
+                for partner, n in partners.items():
+                    merged[partner] = merged.get(partner, 0) + n
+        touched = {i for gains, co in by_token.values() for i in (*gains, *co)}
+        known = dict(items or {})
+        known.update(self.catalog.lookup(touched - set(known)))
         ledger = self._ledger()
         changed: dict[str, int] = {}
-        for token, merged in by_token.items():
-            self.catalog.add_popularity(merged, items, token)
+        for token, (gains, co) in by_token.items():
+            self.catalog.add_engagement(gains, co, known, token)
             epoch, _, seq = token.partition(":")
             changed[epoch] = max(int(seq or 0), changed.get(epoch, -1), ledger.get(epoch, -1))
         self.client.upsert(
@@ -284,6 +296,8 @@ def _to_point(p: Profile) -> models.PointStruct:
             "t_ref": p.t_ref,
             "tag_affinity": p.tag_affinity,
             "seen": p.seen,
+            "positives": p.positives,
+            "positive_at": p.positive_at,
             "recent_event_ids": p.recent_event_ids,
             "pending": p.pending,
             "updated_at": p.updated_at,
@@ -301,6 +315,8 @@ def _from_point(point: models.Record) -> Profile:
         t_ref=float(payload.get("t_ref", 0.0)),
         tag_affinity={str(k): float(v) for k, v in (payload.get("tag_affinity") or {}).items()},
         seen=list(payload.get("seen", [])),
+        positives=list(payload.get("positives", [])),
+        positive_at=float(payload.get("positive_at", 0.0)),
         recent_event_ids=list(payload.get("recent_event_ids", [])),
         pending=list(payload.get("pending", [])),
         updated_at=float(payload.get("updated_at", 0.0)),

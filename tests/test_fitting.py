@@ -98,3 +98,24 @@ def test_fit_finds_that_tags_predict() -> None:
     assert result.settings["ranker"]["tag_weight"] > 0
     ablation = dict(result.ablation())
     assert ablation["fitted: all parts"] > ablation["without tag affinity (weight 0)"] + 0.1
+
+
+def test_co_engagement_is_fitted_on_a_prequential_replay() -> None:
+    """Users walk a chain of items (k, k+1, k+2, ...): what others liked next predicts the next
+    positive, while content (random vectors) and popularity (uniform) do not."""
+    rng = np.random.default_rng(3)
+    n = 40
+    ratings, t = [], 0.0
+    for u in range(200):
+        start = int(rng.integers(n))
+        for step in range(6):
+            t += 60
+            ratings.append(p.Rating(f"u{u}", str((start + step) % n), 5.0, t))
+    ids = [str(i) for i in range(n)]
+    vectors = {"text": rng.normal(size=(n, 8)).astype(np.float32)}
+    result = fit(ratings, ids, vectors, {"text": np.ones(n, bool)}, Settings(), "A")
+    assert result.settings["ranker"]["co_weight"] > 0
+    assert result.co_asked > 50
+    fitted, without = (v for _, v in result.co_ablation())
+    assert fitted > without + 0.2
+    assert "co_weight = " in result.toml()

@@ -58,6 +58,23 @@ def test_likes_of_image_similar_items_raise_image_similar_items(stack: Stack, ca
     assert "image" in top.contributions and "text" in top.contributions
 
 
+def test_what_others_liked_next_is_recommended_through_the_stream(stack: Stack, catalog):
+    # Two users liked a snow item right after a city one; a third has just liked that city item.
+    for fan in ("co-fan-1", "co-fan-2"):
+        stack.publisher.publish_all("events", likes(fan, ["p-city-5", "p-snow-4"]))
+    stack.wait(
+        "p-city-5's co-engagement",
+        lambda: "p-snow-4" in [i.item_id for i in stack.client.similar("p-city-5", 3).items],
+    )
+    stack.publisher.publish_all("events", likes("co-newcomer", ["p-city-5"]))
+    wait_profile(stack, "co-newcomer")
+    got = {i.item_id: i for i in stack.client.recommend("co-newcomer", 18).items}
+    assert "co-engaged" in got["p-snow-4"].sources
+    assert got["p-snow-4"].contributions["co_engagement"] > 0
+    # Image similarity alone would put the other city items first.
+    assert next(iter(got)) == "p-snow-4", list(got)
+
+
 def test_dislikes_push_items_down(stack: Stack, catalog):
     user = "city-hater"
     stack.publisher.publish_all("events", likes(user, ["p-city-0", "p-city-1"], kind="dislike"))

@@ -10,6 +10,8 @@ from streams.profiles import (
     DAY_S,
     Profile,
     accumulate,
+    add_co,
+    co_engage,
     decay,
     event_weight,
     fold,
@@ -159,3 +161,19 @@ def test_tag_affinity_keeps_the_strongest_tags() -> None:
     assert tags == pytest.approx({t: 0.5 for t in "xyzw"})
     tags = fold_tags(tags, 0.0, ["x"], 1.0, 0.0, HL, cap=2)
     assert len(tags) == 2 and tags["x"] == 1.5
+
+
+def test_co_engage_pairs_a_positive_with_the_previous_ones_in_the_window() -> None:
+    positives: list[str] = []
+    assert co_engage(positives, "a", 3) == []
+    assert co_engage(positives, "b", 3) == ["a"]
+    assert co_engage(positives, "c", 3) == ["a", "b"]
+    assert co_engage(positives, "d", 3) == ["a", "b", "c"]
+    assert positives == ["b", "c", "d"]
+    assert co_engage(positives, "c", 3) == ["b", "d"]  # again: not paired with itself
+    assert positives == ["b", "d", "c"]
+
+
+def test_add_co_sums_and_keeps_the_strongest() -> None:
+    assert add_co({"a": 2.0, "b": 1.0}, {"b": 1, "c": 1}, cap=10) == {"a": 2, "b": 2, "c": 1}
+    assert add_co({"a": 2.0, "b": 1.0}, {"c": 3}, cap=2) == {"c": 3, "a": 2}

@@ -49,7 +49,13 @@ USERS = {
     "u-seen": ({IMAGE: [1, 0, 0]}, {"seen": ["i1"]}),
     "u-text-off": ({TEXT: [1, 0, 0, 0], IMAGE: [0, 1, 0]}, {"modality_weights": {"text": 0.0}}),
     "u-tagged": ({TEXT: [0, 0, 1, 0]}, {"tag_affinity": {"sunset": 1.0, "bogus": "x"}}),
+    "u-co": ({TEXT: [0, 0, 1, 0]}, {"positives": ["i3", "i5"], "seen": ["i3", "i5"]}),
+    "u-co-days-ago": ({TEXT: [0, 0, 1, 0]}, {"positives": ["i3", "i5"]}),
 }
+# user id -> days since the latest positive, on the stream's clock (items' popularity_at: now)
+LAST_POSITIVE = {"u-co": 0.0, "u-co-days-ago": 2.0}
+# item id -> how often others engaged each partner next to it
+CO = {"i5": {"i2": 4, "i4": 1, "bogus": "x"}, "i3": {"i2": 1}}
 
 
 def _settings(tmp: Path, **qdrant: object) -> Settings:
@@ -93,13 +99,23 @@ def _fill(client: QdrantClient, settings: Settings) -> None:
             ) in ITEMS.items()
         ],
     )
+    for item_id, counts in CO.items():
+        client.set_payload(
+            settings.qdrant.items_collection, {"co_engaged": counts}, [item_point_id(item_id)]
+        )
     client.upsert(
         settings.qdrant.users_collection,
         [
             models.PointStruct(
                 id=user_point_id(user_id),
                 vector=vectors,
-                payload={"user_id": user_id, "seen": [], "updated_at": now, **extra},
+                payload={
+                    "user_id": user_id,
+                    "seen": [],
+                    "updated_at": now,
+                    "positive_at": now - LAST_POSITIVE.get(user_id, 0.0) * DAY,
+                    **extra,
+                },
             )
             for user_id, (vectors, extra) in USERS.items()
         ],
@@ -206,12 +222,33 @@ def test_tag_affinity_is_fused_as_one_more_modality(client: RankerClient) -> Non
     assert similar["i1"].contributions["tags"] > 0  # the query item's tags ("sunset")
 
 
+def test_items_others_engaged_next_to_the_users_latest_positives_are_fused(
+    client: RankerClient,
+) -> None:
+    got = {i.item_id: i for i in client.recommend("u-co", limit=10).items}
+    # i3 and i5 are the user's latest positives: i2 was co-engaged 4 + 1 times, i4 once.
+    assert "co-engaged" in got["i2"].sources and "co-engaged" in got["i4"].sources
+    assert got["i2"].contributions["co_engagement"] == pytest.approx(1.0)
+    assert got["i4"].contributions["co_engagement"] == pytest.approx(np.log(2) / np.log(6))
+    assert got["i1"].contributions["co_engagement"] == 0.0
+    assert "i5" not in got and "i3" not in got  # seen
+    green = client.recommend("u-co", limit=10, attributes={"color": "green"}).items
+    assert [i.item_id for i in green] == ["i4"]  # co-engaged items obey the filter too
+    similar = {i.item_id: i for i in client.similar("i5", limit=10).items}
+    assert similar["i2"].contributions["co_engagement"] == pytest.approx(1.0)
+    assert "co-engaged" in similar["i4"].sources
+    # Two days after the last positive, co-engagement counts a quarter (half-life one day).
+    later = {i.item_id: i for i in client.recommend("u-co-days-ago", limit=10).items}
+    assert later["i2"].contributions["co_engagement"] == pytest.approx(0.25, rel=1e-3)
+
+
 def test_user_without_profile_gets_popular_and_fresh(client: RankerClient) -> None:
     got = client.recommend("nobody", limit=3)
     assert got.cold_start and len(got.items) == 3
     assert got.items[0].item_id == "i3"  # the most popular and the newest
     assert all(set(i.sources) <= {"popular", "fresh"} for i in got.items)
-    assert set(got.items[0].contributions) == {"popularity", "recency"}
+    assert set(got.items[0].contributions) == {"popularity", "recency", "co_engagement"}
+    assert got.items[0].contributions["co_engagement"] == 0.0  # no positives to start from
 
 
 def test_modality_weights_request_override_and_per_user(client: RankerClient) -> None:

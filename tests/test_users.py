@@ -147,7 +147,7 @@ def test_popularity_counts_once_whatever_a_crash_interrupts(state, monkeypatch, 
         return real_upsert(collection, *args, **kwargs)
 
     if where == "before delivery":
-        monkeypatch.setattr(catalog, "add_popularity", crash)
+        monkeypatch.setattr(catalog, "add_engagement", crash)
     else:
         monkeypatch.setattr(client, "upsert", crash_on_ledger)
     with pytest.raises(Killed):
@@ -159,6 +159,7 @@ def test_popularity_counts_once_whatever_a_crash_interrupts(state, monkeypatch, 
     found = catalog.lookup(["a", "b"])
     assert found["a"].popularity == pytest.approx(2.0)
     assert found["b"].popularity == pytest.approx(1.0)
+    assert (found["a"].co, found["b"].co) == ({"b": 1}, {"a": 1})  # v liked b, then a
     assert again.apply(batch) == 0
     again.recover_outboxes()
     third = Users(client, settings, Catalog(client, settings, encoders={}))
@@ -169,7 +170,7 @@ def test_popularity_counts_once_whatever_a_crash_interrupts(state, monkeypatch, 
 def test_a_debt_left_behind_is_paid_on_the_users_next_batch(state, monkeypatch):
     _, _, catalog, users = state
     add_item(catalog, "a", [1, 0, 0])
-    monkeypatch.setattr(catalog, "add_popularity", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    monkeypatch.setattr(catalog, "add_engagement", lambda *a, **k: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         users.apply([event("e1", "a")])
     monkeypatch.undo()
@@ -178,6 +179,22 @@ def test_a_debt_left_behind_is_paid_on_the_users_next_batch(state, monkeypatch):
     assert (item.popularity, item.popularity_at) == pytest.approx((2.0, 200.0), rel=1e-3)
     users.recover_outboxes()
     assert catalog.lookup(["a"])["a"] == item
+
+
+def test_positives_are_co_engaged_with_the_users_previous_ones(state):
+    settings, _, catalog, users = state
+    for item in "abcd":
+        add_item(catalog, item, [1, 0, 0])
+    window = settings.profiles.co_window
+    users.apply([event("e1", "a"), event("e2", "b", t=101), event("e3", "c", "dislike", t=102)])
+    users.apply([event("e4", "d", user="v", t=103), event("e5", "b", user="v", t=104)])
+    found = catalog.lookup("abcd")
+    assert found["a"].co == {"b": 1}
+    assert found["b"].co == {"a": 1, "d": 1}
+    assert found["c"].co == {}  # a dislike pairs with nothing
+    assert users.load(["u"])["u"].positives == ["a", "b"][-window:]
+    add_item(catalog, "b", [0, 1, 0])  # the producer updates the item: its counts stay
+    assert catalog.lookup(["b"])["b"].co == {"a": 1, "d": 1}
 
 
 def test_what_counts_as_the_store_being_away():
