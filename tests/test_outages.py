@@ -4,7 +4,8 @@ The ranker reads only the store, so it keeps answering while the broker is away;
 keeps retrying, and once a broker listens on the same address again (empty: Tansu is memory
 only, so its topics, consumer group and committed offsets are gone) it rejoins, and its
 BrokerLossGuard (fusionrec/stack.py) re-reads every partition from the start, without the
-worker being restarted. `fusionrec up` also restarts an embedded broker that died. Items are
+worker being restarted. `fusionrec up` also restarts an embedded broker that died, stops within
+seconds whatever its broker is doing, and leaves no broker behind when it is SIGKILLed. Items are
 text only: encoding is not what is under test, and MiniLM is the cheapest encoder.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,10 +26,12 @@ import grpc
 import pytest
 from kafka import KafkaConsumer
 
+from fusionrec import store
 from fusionrec.broker import EmbeddedBroker, wait_for_port
 from fusionrec.launcher import ChildStack, spawn_stack
 from fusionrec.publisher import Publisher
 from fusionrec.settings import load_settings
+from fusionrec.stack import EXIT_OVERDUE, STOP_DEADLINE_S
 from serving.client import RankerClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -220,3 +226,144 @@ def test_up_restarts_its_embedded_broker(running, tmp_path: Path) -> None:
             raise AssertionError(f"no dead letter for the bad message: {letters}")
     finally:
         consumer.close()
+
+
+# Stopping it, whatever its broker is doing. SIGTERM with the broker gone (SIGKILLed outside the
+# stack, or the embedded one SIGKILLed and being restarted) or frozen (SIGSTOPped: it accepts
+# connections and answers nothing) ends the process within STOP_BOUND_S (the issue's bound; the
+# stack's own deadline is STOP_DEADLINE_S), and what the worker wrote is in the store afterwards.
+# A SIGKILLed stack takes its embedded broker along (no orphan Tansu): the first one, and one its
+# supervisor restarted.
+STOP_BOUND_S = 15.0
+assert STOP_DEADLINE_S < STOP_BOUND_S
+
+
+def gone(pid: int) -> bool:
+    """No such process, or a zombie (dead, waiting for whoever adopted it to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def sigterm(child: ChildStack) -> tuple[float, int]:
+    """Seconds from SIGTERM to the stack's exit, and its exit code."""
+    start = time.monotonic()
+    child.process.send_signal(signal.SIGTERM)
+    try:
+        code = child.process.wait(STOP_BOUND_S + 30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"still running {STOP_BOUND_S + 30:.0f} s after SIGTERM:\n{child.log_tail()}"
+        ) from None
+    return time.monotonic() - start, code
+
+
+def stored(state: Path, item_id: str) -> bool:
+    """Whether the item is in the stack's store (opened after the stack has gone)."""
+    settings = load_settings(data_dir=state)
+    client = store.connect(settings)
+    try:
+        points = client.retrieve(settings.qdrant.items_collection, [store.item_point_id(item_id)])
+        return len(points) == 1
+    finally:
+        client.close()
+
+
+def onboarded(child: ChildStack, client, item_id: str, bootstrap: str | None = None) -> None:
+    publish(bootstrap or child.bootstrap, "items", [item(item_id)])
+    wait(child, f"item {item_id}", lambda: known(client, item_id), 60)
+
+
+def test_sigterm_with_the_broker_gone_exits_cleanly(
+    broker: EmbeddedBroker, running, tmp_path: Path
+) -> None:
+    # Before the fix: hung for good (aiokafka's stop raised CancelledError in Faust's consumer
+    # thread, and the worker waited for that thread forever).
+    child, client = running(
+        {"FUSIONREC_KAFKA__BOOTSTRAP": broker.bootstrap, "FUSIONREC_KAFKA__EMBEDDED": "true"}
+    )
+    onboarded(child, client, "kept", broker.bootstrap)
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGKILL)
+    broker.process.wait()
+    time.sleep(2)  # the worker's clients notice and start retrying
+    took, code = sigterm(child)
+    print(f"SIGTERM with the broker gone: exit {code} after {took:.1f} s")
+    assert took < STOP_BOUND_S and code == 0, child.log_tail()
+    assert stored(tmp_path / "state", "kept")
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_sigterm_with_the_embedded_broker_away_exits(running, tmp_path: Path, fault: str) -> None:
+    child, client = running({})
+    onboarded(child, client, "kept")
+    pid = tansu_pid(child)
+    # Killed: its supervisor restarts it, and the SIGTERM lands in the middle of that. Frozen:
+    # it is alive, listens and answers nothing, so the worker's stop waits on Kafka requests
+    # until the deadline ends it.
+    os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    took, code = sigterm(child)
+    print(f"SIGTERM with the embedded broker {fault}: exit {code} after {took:.1f} s")
+    assert took < STOP_BOUND_S and code in (0, EXIT_OVERDUE), child.log_tail()
+    assert wait_gone(pid), f"the {fault} broker {pid} outlived the stack"
+    assert stored(tmp_path / "state", "kept")
+
+
+def test_sigkilled_stack_takes_its_broker_along(running) -> None:
+    child, _ = running({})
+    pid = tansu_pid(child)
+    child.process.send_signal(signal.SIGKILL)
+    child.process.wait()
+    assert wait_gone(pid), f"the broker {pid} outlived the SIGKILLed stack"
+
+
+SUPERVISED = """
+import time
+from fusionrec.broker import EmbeddedBroker
+broker = EmbeddedBroker().start()
+broker.supervise(interval=0.1)
+first = broker.process
+print(first.pid, flush=True)
+while broker.process in (None, first):
+    time.sleep(0.05)
+print(broker.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_parent_takes_a_restarted_broker_along() -> None:
+    # A restarted broker is forked by the supervisor thread, not the main thread: PDEATHSIG
+    # follows the forking thread, so this is the case to check (no model to load: cheap).
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to see whether the broker is gone")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SUPERVISED)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    second = None
+    try:
+        assert parent.stdout is not None
+        os.kill(int(parent.stdout.readline()), signal.SIGKILL)
+        second = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        assert wait_gone(second), f"the restarted broker {second} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if second is not None and not gone(second):
+            os.kill(second, signal.SIGKILL)  # no orphan left behind by a failed test
