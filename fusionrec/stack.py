@@ -137,6 +137,8 @@ class BrokerLossGuard(mode.Service):
                         )
                         rewind_after = seen_at
                         rewind_until = time.monotonic() + self.rewind_window_s
+                        # The dead letters sent went with it: the re-read sends them again.
+                        self.app.dead_letters_sent.forget()
                     await loop.run_in_executor(self._pool, self._declare)
                 if present is not None:
                     seen_at = self.app.rebalancing_count

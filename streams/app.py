@@ -21,7 +21,7 @@ from fusionrec import metrics, store
 from fusionrec.kafka_auth import faust_credentials
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
-from streams.deadletters import dead_letter
+from streams.deadletters import SentLetters, dead_letter, letter_id
 from streams.records import RecordError, decode_event, decode_item
 from streams.users import Users
 
@@ -57,6 +57,9 @@ def create_app(
     items_topic = app.topic(k.items_topic, **raw)
     events_topic = app.topic(k.events_topic, **raw)
     dead_letters = app.topic(k.dead_letters_topic, **raw)
+    # Replays reject a bad message again: send its letter once (BrokerLossGuard forgets these
+    # when the broker comes back empty, with its letters gone).
+    sent = app.dead_letters_sent = SentLetters()  # type: ignore[attr-defined]
 
     catalog = Catalog(client, settings, encoders)
     users = Users(client, settings, catalog)
@@ -73,14 +76,20 @@ def create_app(
         *,
         kind: str,
     ) -> None:
+        letter = letter_id(topic, partition, offset, value)
+        if letter in sent:
+            log.info("already dead-lettered (%s) from %s[%s]@%s", letter, topic, partition, offset)
+            return
         log.warning("dead-letter from %s[%s]@%s: %s", topic, partition, offset, reason)
         metrics.DEAD_LETTERS.labels(kind).inc()
+        # Keyed by its id, the same for every replay: consumers dedupe by key.
         await dead_letters.send(
-            key=key,
+            key=letter.encode(),
             value=dead_letter(
                 reason, topic=topic, partition=partition, offset=offset, key=key, value=value
             ),
         )
+        sent.add(letter)
 
     async def decoded(
         batch: Sequence[faust.EventT], decode: Callable[[bytes], R]
