@@ -19,7 +19,11 @@ Checks, from the store alone:
   squares gives each a_i, which must be 1 (0: lost, 2: applied twice). Each user's events are on
   distinct items, so the terms are independent and the attribution is exact. Also the plain
   check: the stored profile against streams.profiles.fold over all its events (allclose);
-- popularity: per item, the decayed sum of the positive weights of its events.
+- popularity: per item, the decayed sum of the positive weights of its events;
+- co-engagement: a user's k-th positive is paired with min(k - 1, co_window) earlier ones, each
+  pair counted on both items, whatever order the worker folds them in (a user's items are
+  distinct), so the counts must add up to exactly that and be symmetric (the cap on partners
+  is lifted for the run so nothing is pruned).
 Per-user event counts stay far below profiles.dedupe_window (2000), the bound on how far back a
 replay is recognised.
 """
@@ -59,6 +63,7 @@ from streams.profiles import DAY_S, accumulate, decay, event_weight, fold  # noq
 TYPES = ["view"] * 5 + ["click"] * 2 + ["like", "purchase", "dislike"]
 MARKER_ITEM, MARKER_USER = "chaos-marker-item", "chaos-marker-user"
 VECTOR = "text.minilm-l6-v2"
+CO_CAP = 1_000_000  # no partner pruned: the counts are checked exactly
 # Shed (admission control) or not listening yet (the last life still starting): ask again.
 NOT_YET = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
@@ -205,6 +210,7 @@ def run_chaos(
         "FUSIONREC_ENCODERS__ENABLED": '["text"]',
         "FUSIONREC_ENCODERS__THREADS": "1",
         "FUSIONREC_MEDIA__ROOT": str(root),
+        "FUSIONREC_PROFILES__CO_CAP": str(CO_CAP),
         # It is the Tansu broker: the same workarounds `fusionrec up` turns on for its own.
         "FUSIONREC_KAFKA__EMBEDDED": "true",
         "FUSIONREC_LOG_LEVEL": "WARNING",
@@ -406,6 +412,15 @@ def verify(settings: Settings, plan: Plan) -> dict[str, Any]:
         twice += int((counts >= 2).sum())
         lost += int((counts <= 0).sum())
 
+    co = {p.payload[store.ITEM_ID]: p.payload.get(store.CO_ENGAGED) or {} for p in item_points}
+    co_total = sum(sum(counts.values()) for counts in co.values())
+    co_expected = 0
+    for events in by_user.values():
+        k = sum(event_weight(e["type"], None, cfg) > 0 for e in events)
+        co_expected += 2 * sum(min(j, cfg.co_window) for j in range(k))
+    co_asymmetric = sum(
+        n != co.get(b, {}).get(a, 0) for a, counts in co.items() for b, n in counts.items()
+    )
     pop_bad = [
         i
         for i in published
@@ -430,6 +445,9 @@ def verify(settings: Settings, plan: Plan) -> dict[str, Any]:
         "items_popularity_mismatch": len(pop_bad),
         "popularity_extra": round(pop_extra, 3),
         "popularity_missing": round(pop_missing, 3),
+        "co_engagement_expected": co_expected,
+        "co_engagement_stored": co_total,
+        "co_engagement_asymmetric": co_asymmetric,
     }
 
 
@@ -475,6 +493,8 @@ def main() -> None:
         and figures["events_applied"] == figures["events_published"]
         and figures["events_applied_twice"] == 0
         and figures["items_popularity_mismatch"] == 0
+        and figures["co_engagement_stored"] == figures["co_engagement_expected"]
+        and figures["co_engagement_asymmetric"] == 0
     )
     sys.exit(0 if ok else 1)
 

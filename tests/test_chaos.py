@@ -51,3 +51,10 @@ def test_popularity_counted_exactly_once(chaos: dict[str, Any]) -> None:
     # the items remember (Users._commit): a kill anywhere neither loses nor doubles it.
     assert chaos["popularity_extra"] == 0, chaos
     assert chaos["items_popularity_mismatch"] == 0, chaos
+
+
+def test_co_engagement_counted_exactly_once(chaos: dict[str, Any]) -> None:
+    # Delivered with the popularity, under the same token.
+    assert chaos["co_engagement_expected"] > 0
+    assert chaos["co_engagement_stored"] == chaos["co_engagement_expected"], chaos
+    assert chaos["co_engagement_asymmetric"] == 0, chaos
