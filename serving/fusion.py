@@ -6,9 +6,12 @@ vectorised over all n candidates at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from streams.profiles import add_co
 
 # Contribution keys of the priors, beside the modality names.
 POPULARITY = "popularity"
@@ -139,11 +142,7 @@ def session_gate(last_positive_at: float, now: float, half_life_s: float) -> flo
 
 def co_counts(neighbours: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Co-engagement with a few recent items: the sum of their counts per partner item."""
-    out: dict[str, float] = {}
-    for counts in neighbours:
-        for item, n in counts.items():
-            out[item] = out.get(item, 0.0) + float(n)
-    return out
+    return functools.reduce(add_co, neighbours, {})
 
 
 def recency_prior(created_at: np.ndarray, now: float, half_life_s: float) -> np.ndarray:

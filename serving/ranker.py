@@ -186,7 +186,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         co = await self._co_engaged(context, positives)
         found = await self._candidates(context, layout, queries, request.filter, seen, True, co)
         affinity = _numbers(payload.get("tag_affinity"))
-        session = (co, _numbers({"at": payload.get("positive_at")}).get("at", 0.0))
+        last_positive = _number(payload.get("positive_at"))
+        session = (co, last_positive if math.isfinite(last_positive) else 0.0)
         return ranker_pb2.RecommendResponse(
             items=self._rank(
                 found, queries, affinity, session, weights, request.limit, request.explain

@@ -118,12 +118,14 @@ def co_engage(positives: list[str], item_id: str, window: int) -> list[str]:
     return partners
 
 
-def add_co(co: Mapping[str, float], partners: Mapping[str, float], cap: int) -> dict[str, float]:
-    """An item's co-engagement counts with `partners` added; the `cap` strongest are kept."""
+def add_co(
+    co: Mapping[str, float], partners: Mapping[str, float], cap: int | None = None
+) -> dict[str, float]:
+    """Co-engagement counts with `partners` added; the `cap` strongest are kept (all: None)."""
     out = dict(co)
     for k, n in partners.items():
         out[k] = out.get(k, 0.0) + n
-    if len(out) > cap:
+    if cap is not None and len(out) > cap:
         out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:cap])
     return out
 

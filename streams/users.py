@@ -22,7 +22,15 @@ from qdrant_client import QdrantClient, models
 from fusionrec import store
 from fusionrec.settings import Settings
 from streams.catalog import Catalog, CatalogItem
-from streams.profiles import DAY_S, Profile, co_engage, event_weight, fold, fold_tags
+from streams.profiles import (
+    DAY_S,
+    Profile,
+    add_co,
+    co_engage,
+    event_weight,
+    fold,
+    fold_tags,
+)
 from streams.records import EventRecord
 
 # What each user's batch owes its items: {user_id: {"gains": {item_id: [[weight, event time],
@@ -199,7 +207,7 @@ class Users:
             p.positive_at = max(p.positive_at, e.timestamp)
             for partner in co_engage(p.positives, e.item_id, self.cfg.co_window):
                 for a, b in ((e.item_id, partner), (partner, e.item_id)):
-                    owed["co"].setdefault(a, {})[b] = owed["co"].get(a, {}).get(b, 0) + 1
+                    owed["co"][a] = add_co(owed["co"].get(a, {}), {b: 1})
 
     # -- popularity, exactly once -------------------------------------------------------------
     def _commit(self, touched: list[Profile], gains: Gains, items: dict[str, CatalogItem]) -> None:
@@ -247,9 +255,7 @@ class Users:
             for item_id, events in p.outbox.get("gains", {}).items():
                 gains.setdefault(item_id, []).extend(events)
             for item_id, partners in p.outbox.get("co", {}).items():
-                merged = co.setdefault(item_id, {})
-                for partner, n in partners.items():
-                    merged[partner] = merged.get(partner, 0) + n
+                co[item_id] = add_co(co.get(item_id, {}), partners)
         touched = {i for gains, co in by_token.values() for i in (*gains, *co)}
         known = dict(items or {})
         known.update(self.catalog.lookup(touched - set(known)))
