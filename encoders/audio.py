@@ -19,15 +19,17 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile as sf
-import torch
 from scipy.signal import get_window, resample_poly
 
-from encoders.backends import TorchBackend
-from encoders.base import Backend, EncodeError, ModelEncoder, l2_normalise
+from encoders.backends import Runtime
+from encoders.base import Backend, EncodeError, ModelEncoder, l2_normalise, vector_name
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_RATE = 44_100
 N_FFT, HOP = 2048, 1024
@@ -140,14 +142,14 @@ class AudioEncoder(ModelEncoder):
         return l2_normalise(np.add.reduceat(out, starts, axis=0) / counts[:, None])
 
 
-def build_aisfx_encoder(device: str, batch_size: int, max_seconds: float) -> AudioEncoder:
-    from aisfx.inference import get_path_modelWeights
-    from aisfx.models.cnn2d import EmbeddingNet
+def build_aisfx_encoder(runtime: Runtime, batch_size: int, max_seconds: float) -> AudioEncoder:
+    """The aiSFX CNN: the exported ONNX graph when there is one, else torch."""
+    name = "aisfx-v1"
 
-    # The checkpoint pickles (state_dict, dataset dict): weights_only=False is required.
-    weights, _ = torch.load(get_path_modelWeights(), map_location="cpu", weights_only=False)
-    net = EmbeddingNet("max", 3, 1, 64)
-    prefix = "embedding_net."
-    net.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    backend = TorchBackend(net, ("spectrogram",), device)
-    return AudioEncoder("aisfx-v1", 512, backend, batch_size, max_seconds)
+    def module() -> torch.nn.Module:
+        from encoders.torch_modules import aisfx_module
+
+        return aisfx_module()
+
+    backend = runtime.backend(vector_name(AudioEncoder.modality, name), module, ("spectrogram",))
+    return AudioEncoder(name, 512, backend, batch_size, max_seconds)

@@ -20,6 +20,12 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def vector_name(modality: str, name: str) -> str:
+    """The Qdrant vector name: an encoder upgrade writes new vectors beside the old. Known before
+    any model loads, since it also names the encoder's ONNX file."""
+    return f"{modality}.{name}"
+
+
 class Encoder(ABC):
     modality: str  # "text" | "image" | "audio"
     name: str  # model family and version, e.g. "minilm-l6-v2"
@@ -27,8 +33,7 @@ class Encoder(ABC):
 
     @property
     def vector_name(self) -> str:
-        """The Qdrant vector name: an encoder upgrade writes new vectors beside the old."""
-        return f"{self.modality}.{self.name}"
+        return vector_name(self.modality, self.name)
 
     @abstractmethod
     def prepare(self, content: Any) -> Any:
@@ -67,6 +72,7 @@ class Backend(Protocol):
     """Runs a model on a batch of named numpy inputs: torch or onnxruntime, same outputs."""
 
     input_names: tuple[str, ...]
+    device: str  # "cpu" or "cuda...": where it runs, which sets the chunk sizes
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 

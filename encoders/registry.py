@@ -10,18 +10,19 @@ Which model each setting gives:
 Video has no encoder of its own: streams/video.py (PyAV) turns it into key frames for the image
 encoder and a sound track for the audio encoder.
 An encoder whose `<vector name>.onnx` is in `onnx_dir` (see encoders/onnx.py) runs on
-onnxruntime instead of torch, under the same name and with the same vectors.
+onnxruntime instead of torch, under the same name and with the same vectors; its torch model
+is then never built (see backends.Runtime), so a worker on ONNX loads neither torch nor its
+weights (open_clip's preprocessing still imports torch).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from encoders.audio import DEFAULT_MAX_SECONDS, build_aisfx_encoder
-from encoders.backends import OnnxBackend, resolve_device, set_torch_threads
-from encoders.base import Encoder, ModelEncoder
+from encoders.backends import Runtime
+from encoders.base import Encoder
 from encoders.clip import PREFIX as OPEN_CLIP_PREFIX
 from encoders.clip import build_open_clip
 from encoders.image import DEFAULT_MAX_PIXELS, build_mobilenet_encoder
@@ -31,11 +32,6 @@ if TYPE_CHECKING:
     from fusionrec.settings import EncoderSettings
 
 MODALITIES = ("text", "image", "audio")
-
-
-def onnx_file(onnx_dir: Path | str, encoder: Encoder) -> Path:
-    """Where an encoder's exported model lives: named by its vector name, hence by its version."""
-    return Path(onnx_dir) / f"{encoder.vector_name}.onnx"
 
 
 def build_encoders(
@@ -50,8 +46,7 @@ def build_encoders(
     unknown = sorted(set(cfg.enabled) - set(MODALITIES))
     if unknown:
         raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
-    set_torch_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    runtime = Runtime(cfg.device, cfg.threads, cfg.onnx_dir if use_onnx else None)
     clip_text = cfg.text_model == "open_clip"
     if clip_text and not cfg.image_model.startswith(OPEN_CLIP_PREFIX):
         raise ValueError('text_model "open_clip" needs image_model "open_clip:<arch>"')
@@ -61,28 +56,22 @@ def build_encoders(
     if wants_clip and cfg.image_model.startswith(OPEN_CLIP_PREFIX):
         arch = cfg.image_model.removeprefix(OPEN_CLIP_PREFIX)
         image, text = build_open_clip(
-            arch, cfg.image_checkpoint, device, cfg.batch_size, max_image_pixels
+            arch, cfg.image_checkpoint, runtime, cfg.batch_size, max_image_pixels
         )
         if "image" in cfg.enabled:
             encoders["image"] = image
         if "text" in cfg.enabled and clip_text:
             encoders["text"] = text
     if "text" in cfg.enabled and not clip_text:
-        encoders["text"] = build_sentence_encoder(cfg.text_model, device, cfg.batch_size)
+        encoders["text"] = build_sentence_encoder(cfg.text_model, runtime, cfg.batch_size)
     if "image" in cfg.enabled and "image" not in encoders:
         if cfg.image_model != "mobilenet_v2":
             raise ValueError(
                 f'unknown image_model {cfg.image_model!r}; use "mobilenet_v2" or "open_clip:<arch>"'
             )
-        encoders["image"] = build_mobilenet_encoder(device, cfg.batch_size, max_image_pixels)
+        encoders["image"] = build_mobilenet_encoder(runtime, cfg.batch_size, max_image_pixels)
     if "audio" in cfg.enabled:
         if cfg.audio_model != "aisfx":
             raise ValueError(f'unknown audio_model {cfg.audio_model!r}; use "aisfx"')
-        encoders["audio"] = build_aisfx_encoder(device, cfg.batch_size, max_audio_seconds)
-
-    if use_onnx and cfg.onnx_dir is not None:
-        for encoder in encoders.values():
-            path = onnx_file(cfg.onnx_dir, encoder)
-            if isinstance(encoder, ModelEncoder) and path.is_file():
-                encoder.backend = OnnxBackend(path, device, cfg.threads)
+        encoders["audio"] = build_aisfx_encoder(runtime, cfg.batch_size, max_audio_seconds)
     return encoders

