@@ -27,7 +27,8 @@ from fusionrec.broker import EmbeddedBroker, listening
 from fusionrec.kafka_auth import kafka_python_options
 from fusionrec.settings import KafkaSettings, Settings
 from serving.server import start_server, stop_server
-from streams.app import create_app
+from streams.app import create_app, sent_letters
+from streams.deadletters import SentLetters
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,18 @@ class BrokerLossGuard(mode.Service):
     # A rebalance soon after the first (a rejoin in two steps) could drop records the same way.
     rewind_window_s = 30.0
 
-    def __init__(self, app: faust.App, kafka: KafkaSettings, interval: float = 1.0, **kw: Any):
+    def __init__(
+        self,
+        app: faust.App,
+        kafka: KafkaSettings,
+        sent: SentLetters,
+        interval: float = 1.0,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
         self.app = app
         self.kafka = kafka
+        self.sent = sent
         self.interval = interval
         self.marker = f"fusionrec-alive-{uuid.uuid4().hex[:12]}"
         self._admin: Any = None
@@ -138,7 +147,7 @@ class BrokerLossGuard(mode.Service):
                         rewind_after = seen_at
                         rewind_until = time.monotonic() + self.rewind_window_s
                         # The dead letters sent went with it: the re-read sends them again.
-                        self.app.dead_letters_sent.forget()
+                        self.sent.forget()
                     await loop.run_in_executor(self._pool, self._declare)
                 if present is not None:
                     seen_at = self.app.rebalancing_count
@@ -168,21 +177,24 @@ def address(server: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# From the stop signal (SIGTERM, SIGINT) to the end of the process, whatever still waits (a
-# Kafka client on a broker that is gone, a thread that does not end): then it exits hard, with
-# EXIT_OVERDUE. Nothing committed is lost: Qdrant commits each write (SQLite WAL), offsets not
-# yet committed only mean a replay, which the idempotent sinks absorb, and an embedded broker
+# Past worker.stop_deadline_s from the stop signal (SIGTERM, SIGINT), whatever still waits (a
+# Kafka client on a broker that is gone, a thread that does not end), the process exits hard,
+# with EXIT_OVERDUE. Nothing committed is lost: Qdrant commits each write (SQLite WAL), offsets
+# not yet committed only mean a replay, which the idempotent sinks absorb, and an embedded broker
 # dies with the process (memory only: its messages were going anyway).
-STOP_DEADLINE_S = 10.0
 EXIT_OVERDUE = 70  # EX_SOFTWARE
 
 
 class BoundedWorker(faust.Worker):
-    """A Faust worker whose stop, once signalled, takes at most STOP_DEADLINE_S."""
+    """A Faust worker whose stop, once signalled, takes at most `stop_deadline_s`."""
+
+    def __init__(self, *services: Any, stop_deadline_s: float, **kwargs: Any) -> None:
+        super().__init__(*services, **kwargs)
+        self.stop_deadline_s = stop_deadline_s
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:
         if not self._signal_stop_time:
-            exit_after(STOP_DEADLINE_S)
+            exit_after(self.stop_deadline_s)
         super()._schedule_shutdown(signal)
 
 
@@ -205,20 +217,15 @@ def exit_after(seconds: float) -> None:
     timer.start()
 
 
-# At a stop, Faust waits for the agents' current events and commits their offsets; with the
-# broker gone that commit waits for it forever. Given up after this long: what was processed is
-# in the store already, and the messages since the last commit are read again on the next start
-# (at-least-once; the sinks are idempotent), so nothing is lost or applied twice.
-FINAL_COMMIT_S = 3.0
-
-
-def stopping_cannot_hang() -> None:
+def stopping_cannot_hang(final_commit_s: float) -> None:
     """Two ways Faust's stop waited for a broker that was gone, forever (seen: SIGTERM with the
-    broker SIGKILLed never exited): its last offset commit (bounded to FINAL_COMMIT_S here),
-    and aiokafka's consumer.stop() raising CancelledError (its fetcher awaits a fetch it has
-    just cancelled; aio-libs/aiokafka#647 is of the same kind), which in Faust's consumer
-    thread skips mode's "thread has shut down" signal, so the worker waited for that thread
-    (now a log line: what the stop had left to close are sockets to a broker not there)."""
+    broker SIGKILLed never exited). Its last offset commit: now given up after `final_commit_s`
+    (what was processed is in the store already; the messages since the last commit are read
+    again on the next start, into idempotent sinks, so nothing is lost or applied twice). And
+    aiokafka's consumer.stop() raising CancelledError (its fetcher awaits a fetch it has just
+    cancelled; aio-libs/aiokafka#647 is of the same kind), which in Faust's consumer thread
+    skips mode's "thread has shut down" signal, so the worker waited for that thread (now a log
+    line: what the stop had left to close are sockets to a broker not there)."""
     from faust.transport.consumer import Consumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
@@ -232,12 +239,12 @@ def stopping_cannot_hang() -> None:
             await wait_empty(self)
             return
         try:
-            await asyncio.wait_for(wait_empty(self), FINAL_COMMIT_S)
+            await asyncio.wait_for(wait_empty(self), final_commit_s)
         except TimeoutError:
             log.warning(
                 "stopping: the last offset commit did not finish in %.0f s (broker away?); "
                 "messages since the previous one will be read again (idempotent)",
-                FINAL_COMMIT_S,
+                final_commit_s,
             )
 
     async def on_thread_stop(self: AIOKafkaConsumerThread) -> None:
@@ -267,12 +274,18 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     app = create_app(settings, client, encoders)
     services: list[mode.Service] = [RankerService(settings, client)] if serve else []
     if settings.kafka.embedded:
-        services.append(BrokerLossGuard(app, settings.kafka))
+        services.append(BrokerLossGuard(app, settings.kafka, sent_letters))
     # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.
     for handler in logging.getLogger().handlers:
         handler.addFilter(RetryNoise())
-    stopping_cannot_hang()
-    worker = BoundedWorker(app, *services, loglevel=settings.log_level, override_logging=False)
+    stopping_cannot_hang(settings.worker.final_commit_s)
+    worker = BoundedWorker(
+        app,
+        *services,
+        stop_deadline_s=settings.worker.stop_deadline_s,
+        loglevel=settings.log_level,
+        override_logging=False,
+    )
     with contextlib.suppress(SystemExit):
         worker.execute_from_commandline()
     client.close()

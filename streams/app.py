@@ -21,12 +21,17 @@ from fusionrec import metrics, store
 from fusionrec.kafka_auth import faust_credentials
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
-from streams.deadletters import SentLetters, dead_letter, letter_id
+from streams.deadletters import SentLetters, dead_letter, letter_id, recover_sent
 from streams.records import RecordError, decode_event, decode_item
 from streams.users import Users
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+# The ids of the dead letters sent, one set per worker process: replays reject a bad message
+# again, and its letter is sent once. Filled at start from the dead-letters topic; forgotten by
+# fusionrec/stack.py BrokerLossGuard when the broker comes back empty, with its letters gone.
+sent_letters = SentLetters()
 
 
 def create_app(
@@ -57,9 +62,8 @@ def create_app(
     items_topic = app.topic(k.items_topic, **raw)
     events_topic = app.topic(k.events_topic, **raw)
     dead_letters = app.topic(k.dead_letters_topic, **raw)
-    # Replays reject a bad message again: send its letter once (BrokerLossGuard forgets these
-    # when the broker comes back empty, with its letters gone).
-    sent = app.dead_letters_sent = SentLetters()  # type: ignore[attr-defined]
+    # Set once sent_letters holds what the topic had at start: no letter is sent before.
+    recovered = asyncio.Event()
 
     catalog = Catalog(client, settings, encoders)
     users = Users(client, settings, catalog)
@@ -77,7 +81,8 @@ def create_app(
         kind: str,
     ) -> None:
         letter = letter_id(topic, partition, offset, value)
-        if letter in sent:
+        await recovered.wait()
+        if letter in sent_letters:
             log.info("already dead-lettered (%s) from %s[%s]@%s", letter, topic, partition, offset)
             return
         log.warning("dead-letter from %s[%s]@%s: %s", topic, partition, offset, reason)
@@ -89,7 +94,7 @@ def create_app(
                 reason, topic=topic, partition=partition, offset=offset, key=key, value=value
             ),
         )
-        sent.add(letter)
+        sent_letters.add(letter)
 
     async def decoded(
         batch: Sequence[faust.EventT], decode: Callable[[bytes], R]
@@ -216,6 +221,13 @@ def create_app(
     # Registered, not decorated: the decorated timer is an endless loop, and the onboarding agent
     # calls the plain function once per batch so held events follow their item at once.
     app.timer(settings.profiles.pending_retry_s)(hand_over_held)
+
+    @app.task
+    async def recover_sent_letters() -> None:
+        try:
+            await recover_sent(sent_letters, settings)
+        finally:
+            recovered.set()
 
     @app.task
     async def on_start() -> None:

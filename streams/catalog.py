@@ -116,22 +116,28 @@ class Catalog:
         if not items:
             return
         kept = self.lookup([i.id for i in items])
+        # Unit length: the items collection scores by dot product (fusionrec.store).
+        unit = [
+            {name: l2_normalise(v).astype(np.float32) for name, v in vecs.items()}
+            for vecs in vectors
+        ]
         points = [
             models.PointStruct(
                 id=store.item_point_id(item.id),
                 vector={name: v.tolist() for name, v in vecs.items()},
                 payload={
                     store.ITEM_ID: item.id,
-                    "title": item.title,
+                    store.TITLE: item.title,
                     store.CATEGORY: item.category,
                     store.TAGS: list(item.tags),
                     store.ATTRIBUTES: dict(item.attributes),
                     store.CREATED_AT: item.created_at,
                     "modalities": sorted({store.modality_of(n) for n in vecs}),
+                    store.VECTORS_DIGEST: store.vectors_digest(vecs),
                     **self._engagement(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
                 },
             )
-            for item, vecs in zip(items, vectors, strict=True)
+            for item, vecs in zip(items, unit, strict=True)
         ]
         self.client.upsert(self.collection, points=points)
 
