@@ -1,10 +1,16 @@
-"""Candidate generation: every source in one `query_batch_points` round trip, vectors included.
+"""Candidate generation: every source in one `query_batch_points` round trip, then vectors.
 
 Sources: the nearest items to each query vector (one request per modality), the newest items
 ("fresh"), the most popular ("popular") and items named by the caller ("co-engaged": fetched by
-id, through the filter when there is one). Each request carries the same filter and returns
-payload and vectors, so fusion needs no second fetch. `OrderByQuery` serves fresh and popular in
-local mode and on a server alike (a server needs the range indexes `ensure_collections` makes).
+id, through the filter when there is one). Each request carries the same filter and returns the
+payload fields ranking reads. `OrderByQuery` serves fresh and popular in local mode and on a
+server alike (a server needs the range indexes `ensure_collections` makes).
+
+Vectors come from a `VectorCache` keyed by point id and the digest of the item's vectors (in its
+payload), and only the ones it lacks are read, in one `retrieve`. Candidates' vectors were most
+of a Recommend: a few hundred points of 1,664 floats, which local mode turns into Python lists
+one by one (about 40% of the worker's busy time while a client polled it) and a server sends
+over the wire.
 
 Two choices keep a request cheap on Qdrant local mode, which evaluates filters and orderings
 point by point in Python (a Recommend over 10k items took ~650 ms with them in every request):
@@ -15,8 +21,10 @@ for a few seconds (`PriorCache`).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +36,27 @@ from fusionrec.store import (
     CATEGORY,
     CREATED_AT,
     ITEM_ID,
+    POPULARITY,
+    POPULARITY_AT,
     TAGS,
+    TITLE,
     TREND,
+    VECTORS_DIGEST,
     modality_of,
 )
+
+# The payload fields ranking reads. Only these are fetched: local mode deep-copies every
+# payload it returns, and attributes and co-engagement counts would be most of it.
+RANKED_FIELDS = [
+    ITEM_ID,
+    TITLE,
+    CATEGORY,
+    TAGS,
+    CREATED_AT,
+    POPULARITY,
+    POPULARITY_AT,
+    VECTORS_DIGEST,
+]
 
 FRESH = "fresh"
 POPULAR = "popular"
@@ -119,6 +144,52 @@ class PriorCache:
         self._lists[key] = (now, points)
 
 
+class VectorCache:
+    """Items' vectors by (point id, digest of its vectors), the `size` last used.
+
+    A cached row is never stale: new vectors come with a new digest. Points without a digest
+    (written before it existed) are read every time. Thread-safe, for rankers that query the
+    store from an executor.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._rows: OrderedDict[tuple[str, str], dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def rows(
+        self, client: QdrantClient, collection: str, names: list[str], points: Sequence[Any]
+    ) -> list[dict[str, np.ndarray]]:
+        """The vectors of `points` (found with the digest in their payload), in their order."""
+        keys = [(str(p.id), (p.payload or {}).get(VECTORS_DIGEST)) for p in points]
+        with self._lock:
+            got = {k: self._rows[k] for k in keys if k in self._rows}
+            for k in got:
+                self._rows.move_to_end(k)
+        missing = [k[0] for k in keys if k not in got]
+        if missing:
+            read = client.retrieve(
+                collection, missing, with_payload=[VECTORS_DIGEST], with_vectors=names
+            )
+            fetched = {
+                (str(p.id), (p.payload or {}).get(VECTORS_DIGEST)): {
+                    n: np.asarray(v, dtype=np.float32)
+                    for n, v in (p.vector if isinstance(p.vector, dict) else {}).items()
+                }
+                for p in read
+            }
+            # Read after the search: an item updated in between is ranked on its new vectors.
+            by_id = {k[0]: row for k, row in fetched.items()}
+            got.update({k: by_id.get(k[0], {}) for k in keys if k not in got})
+            with self._lock:
+                for k, row in fetched.items():
+                    if isinstance(k[1], str):
+                        self._rows[k] = row
+                while len(self._rows) > self.size:
+                    self._rows.popitem(last=False)
+        return [got[k] for k in keys]
+
+
 def generate(
     client: QdrantClient,
     collection: str,
@@ -130,6 +201,7 @@ def generate(
     fresh: int,
     popular: int,
     exclude: Collection[str] = (),
+    vectors: VectorCache,
     priors: PriorCache | None = None,
     also: Collection[str] = (),
 ) -> Candidates:
@@ -157,8 +229,7 @@ def generate(
             using=using,
             filter=where or query_filter,
             limit=limit,
-            with_payload=True,
-            with_vector=names,
+            with_payload=RANKED_FIELDS,
         )
 
     # (label, points kept, cache key, the request to send or the cached answer)
@@ -186,7 +257,7 @@ def generate(
         planned.append((label, limit, cache_key, request(order, fetch) if hit is None else hit))
     named: list[Any] = []
     if also and query_filter is None:
-        named = client.retrieve(collection, list(also), with_payload=True, with_vectors=names)
+        named = client.retrieve(collection, list(also), with_payload=RANKED_FIELDS)
     elif also:
         only = models.Filter(must=[query_filter, models.HasIdCondition(has_id=list(also))])
         planned.append((CO_ENGAGED, len(also), None, request(None, len(also), where=only)))
@@ -203,7 +274,7 @@ def generate(
         found.append((label, [p for p in points if str(p.id) not in excluded][:limit]))
     if named:
         found.append((CO_ENGAGED, named))
-    return _merge(layout, found)
+    return _merge(layout, found, lambda points: vectors.rows(client, collection, names, points))
 
 
 def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> models.Filter:
@@ -213,12 +284,16 @@ def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> 
     return query_filter.model_copy(update={"must_not": not_these})
 
 
-def _merge(layout: Layout, found: list[tuple[str, list[Any]]]) -> Candidates:
+def _merge(
+    layout: Layout,
+    found: list[tuple[str, list[Any]]],
+    vectors_of: Callable[[list[Any]], list[dict[str, np.ndarray]]],
+) -> Candidates:
     index: dict[str, int] = {}
     out = Candidates()
-    rows: list[dict[str, Any]] = []
-    for label, points in found:
-        for point in points:
+    points: list[Any] = []
+    for label, answer in found:
+        for point in answer:
             key = str(point.id)
             if key not in index:
                 index[key] = len(out.ids)
@@ -226,17 +301,19 @@ def _merge(layout: Layout, found: list[tuple[str, list[Any]]]) -> Candidates:
                 out.ids.append(str(payload.get(ITEM_ID, key)))
                 out.payloads.append(payload)
                 out.sources.append([])
-                rows.append(point.vector if isinstance(point.vector, dict) else {})
+                points.append(point)
             if label not in out.sources[index[key]]:
                 out.sources[index[key]].append(label)
+    rows = vectors_of(points) if points else []
     for modality, name in layout.vector_names.items():
-        have = [name in row for row in rows]
         dim = layout.dims[modality]
+        have = [name in row and row[name].shape == (dim,) for row in rows]
         out.present[modality] = np.array(have, dtype=bool)
-        out.vectors[modality] = np.array(
-            [row[name] if ok else np.zeros(dim) for row, ok in zip(rows, have, strict=True)],
-            dtype=np.float32,
-        ).reshape(len(rows), dim)
+        matrix = np.zeros((len(rows), dim), dtype=np.float32)
+        for i, ok in enumerate(have):
+            if ok:
+                matrix[i] = rows[i][name]
+        out.vectors[modality] = matrix
     return out
 
 

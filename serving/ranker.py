@@ -24,6 +24,7 @@ from fusionrec.store import (
     POPULARITY,
     POPULARITY_AT,
     TAGS,
+    TITLE,
     item_point_id,
     user_point_id,
 )
@@ -33,6 +34,7 @@ from serving.candidates import (
     Candidates,
     Layout,
     PriorCache,
+    VectorCache,
     build_filter,
     generate,
     layout_of,
@@ -124,6 +126,11 @@ def _number(value: Any) -> float:
     )
 
 
+# What a Recommend reads of a profile; the rest (event ids kept for dedupe, the outbox) can be
+# large, and local mode deep-copies whatever it returns.
+PROFILE_FIELDS = ["seen", "positives", "tag_affinity", "positive_at"]
+
+
 class RankerServicer(ranker_pb2_grpc.RankerServicer):
     """Store calls run inline on the loop unless an executor is given.
 
@@ -147,6 +154,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._layout: Layout | None = None
         self._layout_read_at = -math.inf
         self._priors = PriorCache(settings.ranker.prior_cache_ttl_s)
+        self._vectors = VectorCache(settings.ranker.vector_cache_items)
 
     async def _checked(
         self, request: Any, id_name: str, id_value: str, context: grpc.aio.ServicerContext
@@ -171,13 +179,13 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             lambda: self._client.retrieve(
                 q.users_collection,
                 [user_point_id(request.user_id)],
-                with_payload=True,
+                with_payload=PROFILE_FIELDS,
                 with_vectors=True,
             ),
         )
         vectors = users[0].vector if users else None
         payload = (users[0].payload if users else None) or {}
-        weights = self._weights(layout, overrides, payload.get("modality_weights") or {})
+        weights = self._weights(layout, overrides)
         queries = _queries(vectors, layout, weights)
         exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
         seen = [str(s) for s in payload.get("seen") or []] if exclude_seen else []
@@ -214,7 +222,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         )
         if not items:
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"item {request.item_id!r} not found")
-        weights = self._weights(layout, overrides, {})
+        weights = self._weights(layout, overrides)
         queries = _queries(items[0].vector, layout, weights)
         payload = items[0].payload or {}
         co = _numbers(payload.get(CO_ENGAGED))
@@ -230,17 +238,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             modality_weights=weights if request.explain else {},
         )
 
-    def _weights(
-        self, layout: Layout, overrides: Mapping[str, float], per_user: Mapping[str, Any]
-    ) -> dict[str, float]:
-        """Request override, else the server's weight; times the user's own multiplier."""
+    def _weights(self, layout: Layout, overrides: Mapping[str, float]) -> dict[str, float]:
+        """The request's weight per modality, else the server's."""
         base = self._settings.ranker.modality_weights
-        out = {}
-        for m in layout.vector_names:
-            user = _number(per_user.get(m, 1.0))
-            user = user if math.isfinite(user) and user >= 0 else 1.0
-            out[m] = overrides.get(m, base.get(m, 0.0)) * user
-        return out
+        return {m: overrides.get(m, base.get(m, 0.0)) for m in layout.vector_names}
 
     async def _co_engaged(
         self, context: grpc.aio.ServicerContext, item_ids: list[str]
@@ -287,6 +288,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 fresh=r.fresh_candidates if with_priors else 0,
                 popular=r.popular_candidates if with_priors else 0,
                 exclude=[item_point_id(i) for i in exclude],
+                vectors=self._vectors,
                 priors=self._priors,
                 also=also,
             ),
@@ -347,7 +349,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             item = ranker_pb2.ScoredItem(
                 item_id=found.ids[i],
                 score=float(scores[i]),
-                title=str(payload.get("title") or ""),
+                title=str(payload.get(TITLE) or ""),
                 tags=[str(t) for t in payload.get(TAGS) or []],
             )
             if payload.get(CATEGORY) is not None:

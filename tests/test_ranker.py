@@ -23,9 +23,12 @@ from qdrant_client import QdrantClient, models
 
 from fusionrec.settings import Settings
 from fusionrec.store import ensure_collections, item_point_id, user_point_id
+from serving.candidates import RANKED_FIELDS, VectorCache
 from serving.client import RankerClient
 from serving.server import RunningRanker, start_server, stop_server
+from streams.catalog import Catalog
 from streams.profiles import trend
+from streams.records import ItemRecord
 
 TEXT, IMAGE = "text.t4", "image.i3"
 DAY = 86400.0
@@ -47,7 +50,6 @@ USERS = {
     "u-image": ({IMAGE: [3, 0, 0]}, {}),
     "u-both": ({TEXT: [2, 0, 0, 0], IMAGE: [0.5, 0, 0]}, {}),
     "u-seen": ({IMAGE: [1, 0, 0]}, {"seen": ["i1"]}),
-    "u-text-off": ({TEXT: [1, 0, 0, 0], IMAGE: [0, 1, 0]}, {"modality_weights": {"text": 0.0}}),
     "u-tagged": ({TEXT: [0, 0, 1, 0]}, {"tag_affinity": {"sunset": 1.0, "bogus": "x"}}),
     "u-co": ({TEXT: [0, 0, 1, 0]}, {"positives": ["i3", "i5"], "seen": ["i3", "i5"]}),
     "u-co-days-ago": ({TEXT: [0, 0, 1, 0]}, {"positives": ["i3", "i5"]}),
@@ -251,11 +253,11 @@ def test_user_without_profile_gets_popular_and_fresh(client: RankerClient) -> No
     assert got.items[0].contributions["co_engagement"] == 0.0  # no positives to start from
 
 
-def test_modality_weights_request_override_and_per_user(client: RankerClient) -> None:
+def test_modality_weights_request_override(client: RankerClient) -> None:
     got = client.recommend("u-both", limit=5, modality_weights={"image": 0.0})
     assert got.modality_weights == {"text": 1.0, "image": 0.0}
     assert all("image" not in i.contributions for i in got.items)
-    assert client.recommend("u-text-off", limit=5).modality_weights == {"text": 0.0, "image": 1.0}
+    assert client.recommend("u-both", limit=5).modality_weights == {"text": 1.0, "image": 1.0}
 
 
 def test_explain_off_leaves_reasons_out(client: RankerClient) -> None:
@@ -347,3 +349,46 @@ def test_store_failure_is_unavailable(tmp_path: Path) -> None:
         assert "vector store unavailable" in err.value.details()
     finally:
         down.close()
+
+
+class CountingStore:
+    """The local store, counting the points each `retrieve` reads."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self.client = client
+        self.read: list[int] = []
+
+    def retrieve(self, collection: str, ids: list, **kwargs):  # type: ignore[no-untyped-def]
+        self.read.append(len(ids))
+        return self.client.retrieve(collection, ids, **kwargs)
+
+
+def test_vector_cache_reads_vectors_once_and_never_serves_stale_ones(tmp_path: Path) -> None:
+    """Rows come back in the points' order; a second ranking reads no vectors; new vectors
+    (a new digest) are read again; at most `size` rows are kept."""
+    settings = _settings(tmp_path)
+    client = QdrantClient(":memory:")
+    ensure_collections(client, settings, {TEXT: 4, IMAGE: 3})
+    catalog = Catalog(client, settings, {})
+    a = {TEXT: np.array([1.0, 0, 0, 0]), IMAGE: np.array([0, 2.0, 0])}  # stored unit length
+    catalog.upsert([ItemRecord(id="a"), ItemRecord(id="b")], [a, {TEXT: np.array([0, 1.0, 0, 0])}])
+    collection = settings.qdrant.items_collection
+    points_of = lambda: client.retrieve(  # noqa: E731
+        collection, [item_point_id("b"), item_point_id("a")], with_payload=RANKED_FIELDS
+    )
+    store = CountingStore(client)
+    cache = VectorCache(size=2)
+    rows = cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert set(rows[0]) == {TEXT} and rows[1][IMAGE].tolist() == [0, 1, 0]
+    cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read == [2]
+
+    catalog.upsert([ItemRecord(id="a")], [{TEXT: np.array([0, 0, 1.0, 0])}])
+    rows = cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read == [2, 1] and set(rows[1]) == {TEXT} and rows[1][TEXT].tolist()[2] == 1
+
+    small = VectorCache(size=1)
+    for _ in range(2):
+        small.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read[-2:] == [2, 1]  # one of the two rows kept
+    client.close()
