@@ -25,6 +25,7 @@ from encoders.registry import build_encoders
 from fusionrec import store
 from fusionrec.broker import EmbeddedBroker, listening
 from fusionrec.kafka_auth import kafka_python_options
+from fusionrec.loop import Backlog
 from fusionrec.settings import KafkaSettings, Settings
 from serving.server import start_server, stop_server
 from streams.app import create_app, sent_letters
@@ -37,14 +38,15 @@ class RankerService(mode.Service):
     """The gRPC ranker as a service of the Faust worker: it binds to the worker's loop and
     shares its Qdrant client (local mode allows one client per data directory)."""
 
-    def __init__(self, settings: Settings, client: Any, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings, client: Any, worker: Backlog, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.client = client
+        self.worker = worker
         self.server: Any = None
 
     async def on_start(self) -> None:
-        self.server = await start_server(self.settings, self.client)
+        self.server = await start_server(self.settings, self.client, worker=self.worker)
         log.info("ranker listening on %s:%s", self.settings.ranker.host, self.server.port)
 
     async def on_stop(self) -> None:
@@ -271,8 +273,10 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     # A full collection over the torch heap froze the loop ~350 ms: freeze what loading made.
     gc.collect()
     gc.freeze()
-    app = create_app(settings, client, encoders)
-    services: list[mode.Service] = [RankerService(settings, client)] if serve else []
+    # When the worker last had a backlog: an in-process ranker then leaves it half the loop.
+    backlog = Backlog()
+    app = create_app(settings, client, encoders, backlog)
+    services: list[mode.Service] = [RankerService(settings, client, backlog)] if serve else []
     if settings.kafka.embedded:
         services.append(BrokerLossGuard(app, settings.kafka, sent_letters))
     # Logging is the CLI's (fusionrec.logs: format, masked secrets); Faust must not replace it.

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,13 +19,11 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from fusionrec import metrics
+from fusionrec.loop import WINDOW_S, Backlog, TimeWindow, ranker_share
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-# The window over which inline calls' share of the loop is measured.
-WINDOW_S = 1.0
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
@@ -35,10 +32,9 @@ class Guard(grpc.aio.ServerInterceptor):
     """Token check for every service but health; admission and metrics for `limited`.
 
     A call counts as in flight from the moment it is admitted until its task ends, however it
-    ends. When calls run inline (Qdrant local mode: on the loop, one after another) they never
-    overlap and the queue forms inside grpc, out of sight; there `loop_share` caps the time
-    they took of the last second instead, which also leaves the rest of the loop to the
-    stream worker that shares it.
+    ends. When calls run `inline` (Qdrant local mode: on the loop, one after another) the time
+    they took of the last second is capped too, at a share that depends on the stream worker's
+    backlog (`worker`): fusionrec.loop.
     """
 
     def __init__(
@@ -47,13 +43,15 @@ class Guard(grpc.aio.ServerInterceptor):
         limited: str,
         max_in_flight: int,
         token: str | None = None,
-        loop_share: float | None = None,
+        inline: bool = False,
+        worker: Backlog | None = None,
     ) -> None:
         self._limited = limited
         self._max_in_flight = max_in_flight
         self._token = f"Bearer {token}".encode() if token else None
-        self._loop_share = loop_share
-        self._recent: deque[tuple[float, float]] = deque()  # (ended at, took), inline calls
+        self.inline = inline
+        self._used = TimeWindow()  # by inline calls
+        self._worker = worker or Backlog()
         self.in_flight = 0
 
     async def intercept_service(
@@ -93,12 +91,10 @@ class Guard(grpc.aio.ServerInterceptor):
         """Why no call can be admitted now, or None."""
         if self.in_flight >= self._max_in_flight:
             return f"the ranker is at its limit of {self._max_in_flight} calls in flight"
-        if self._loop_share is not None:
-            now = time.monotonic()
-            while self._recent and self._recent[0][0] < now - WINDOW_S:
-                self._recent.popleft()
-            if sum(took for _, took in self._recent) >= self._loop_share * WINDOW_S:
-                return f"the ranker has used its share ({self._loop_share:.0%}) of the event loop"
+        if self.inline:
+            share = ranker_share(self._worker.recent())
+            if self._used.total() >= share * WINDOW_S:
+                return f"the ranker has used its share ({share:.0%}) of the event loop"
         return None
 
     def _admit(self) -> None:
@@ -121,8 +117,8 @@ class Guard(grpc.aio.ServerInterceptor):
                 return await behavior(request, context)
             finally:
                 took = time.perf_counter() - start
-                if self._loop_share is not None:
-                    self._recent.append((time.monotonic(), took))
+                if self.inline:
+                    self._used.record(took)
                 metrics.RANK_SECONDS.labels(method).observe(took)
                 code = context.code() or grpc.StatusCode.OK
                 metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from qdrant_client import QdrantClient
 
+from fusionrec.loop import Backlog
 from fusionrec.settings import SecuritySettings, Settings
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving.guards import Guard
@@ -22,8 +23,6 @@ SERVER_MODE_THREADS = 4
 # grpc's own cap on all RPCs, a backstop for memory above the Ranker's admission limit: room
 # for health checks, reflection and the calls being refused.
 OTHER_RPCS = 64
-# Inline (local mode) Ranker calls may take this share of the loop they share with the worker.
-INLINE_LOOP_SHARE = 0.5
 
 
 @dataclass
@@ -41,13 +40,15 @@ async def start_server(
     *,
     port: int | None = None,
     executor: Executor | None = None,
+    worker: Backlog | None = None,
 ) -> RunningRanker:
     """Serve on settings.ranker.host and `port` (default settings.ranker.port; 0 picks one).
 
     Call from the event loop that should run the server (e.g. a mode.Service's on_start).
     Store calls run on `executor` when one is given (the caller owns it; in local mode it must
     be the one thread every user of the shared client goes through); otherwise on a pool of
-    our own against a Qdrant server, and inline on the loop in local mode.
+    our own against a Qdrant server, and inline on the loop in local mode, where `worker` says
+    when the stream worker sharing it last had a backlog (none: the loop is the ranker's).
     """
     owned = None
     if executor is None and settings.qdrant.url:
@@ -64,7 +65,8 @@ async def start_server(
         limited=RANKER_SERVICE,
         max_in_flight=r.max_in_flight,
         token=security.token.get_secret_value() if security.token else None,
-        loop_share=INLINE_LOOP_SHARE if executor is None else None,
+        inline=executor is None,
+        worker=worker,
     )
     server = grpc.aio.server(
         interceptors=[guard],

@@ -19,6 +19,7 @@ from qdrant_client import QdrantClient
 from encoders.base import EncodeError, Encoder
 from fusionrec import metrics, store
 from fusionrec.kafka_auth import faust_credentials
+from fusionrec.loop import Backlog
 from fusionrec.settings import Settings
 from streams.catalog import Catalog
 from streams.deadletters import SentLetters, dead_letter, letter_id, recover_sent
@@ -35,8 +36,13 @@ sent_letters = SentLetters()
 
 
 def create_app(
-    settings: Settings, client: QdrantClient, encoders: Mapping[str, Encoder]
+    settings: Settings,
+    client: QdrantClient,
+    encoders: Mapping[str, Encoder],
+    backlog: Backlog | None = None,
 ) -> faust.App:
+    """The worker's app; it marks `backlog` whenever a batch comes full (for an in-process
+    ranker's admission: fusionrec.loop)."""
     k = settings.kafka
     w = settings.worker
     app = faust.App(
@@ -67,6 +73,7 @@ def create_app(
 
     catalog = Catalog(client, settings, encoders)
     users = Users(client, settings, catalog)
+    backlog = backlog or Backlog()
     # Encoding holds the GIL only between torch/onnx calls: off the loop, events keep flowing.
     encode_pool = ThreadPoolExecutor(w.encode_threads, thread_name_prefix="encode")
 
@@ -125,6 +132,8 @@ def create_app(
             len(batch),
             [(e.message.topic, e.message.partition, e.message.offset) for e in batch],
         )
+        if len(batch) >= w.batch_size:
+            backlog.mark()  # more was waiting than one batch holds
         pause = 0.5
         while True:
             try:

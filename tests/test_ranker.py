@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient, models
 
+from fusionrec.loop import Backlog
 from fusionrec.settings import Settings
 from fusionrec.store import ensure_collections, item_point_id, user_point_id
 from serving.candidates import RANKED_FIELDS, VectorCache
@@ -125,16 +126,22 @@ def _fill(client: QdrantClient, settings: Settings) -> None:
 
 
 class BackgroundServer:
-    """A ranker on its own event loop in a daemon thread."""
+    """A ranker on its own event loop in a daemon thread (beside a stream worker's loop time
+    `worker`, when given)."""
 
     def __init__(
-        self, settings: Settings, client: QdrantClient, executor: Executor | None = None
+        self,
+        settings: Settings,
+        client: QdrantClient,
+        executor: Executor | None = None,
+        worker: Backlog | None = None,
     ) -> None:
+        self.worker = worker
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.ranker: RunningRanker = self._run(
-            start_server(settings, client, port=0, executor=executor)
+            start_server(settings, client, port=0, executor=executor, worker=worker)
         )
 
     def _run(self, coro):  # type: ignore[no-untyped-def]

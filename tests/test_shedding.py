@@ -1,12 +1,14 @@
 """Twice the load the ranker can serve: it sheds with RESOURCE_EXHAUSTED, the calls it takes stay
 fast, and health checks keep answering; calls abandoned at a 1 ms deadline end cleanly and give
-their slots back. A real server over a socket; the store is Qdrant local mode made slow by a
-fixed delay per query, so the capacity is known (and a 1 ms deadline always expires)."""
+their slots back; inline, a stream worker with a backlog gets its share of the loop. A real
+server over a socket; the store is Qdrant local mode made slow by a fixed delay per query, so
+the capacity is known (and a 1 ms deadline always expires)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,10 +21,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qdrant_client import QdrantClient
 
+from fusionrec.loop import BACKLOG_SHARE, IDLE_SHARE, WINDOW_S, Backlog, TimeWindow, ranker_share
 from fusionrec.settings import Settings
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving.client import RankerClient
-from serving.server import INLINE_LOOP_SHARE
 from tests.test_ranker import BackgroundServer, _fill
 from tests.test_ranker_fuzz import outcome
 
@@ -41,19 +43,29 @@ class SlowStore(QdrantClient):
 @pytest.fixture(params=["one-thread executor", "inline"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackgroundServer]:
     """With an executor (a Qdrant server) the loop stays free; inline (local mode) calls run
-    one after another on the loop and the admission cap bounds the queue instead."""
+    one after another on the loop and their share of it bounds the queue instead.
+    `server.worker` is the backlog of the stream worker that would share the loop."""
     settings = Settings(
         data_dir=tmp_path,
         ranker={"modality_weights": {"text": 1.0, "image": 1.0}, "max_in_flight": MAX_IN_FLIGHT},
     )
     store = SlowStore(":memory:")
     _fill(store, settings)
+    worker = Backlog()
     with ThreadPoolExecutor(1) as executor:
         inline = request.param == "inline"
-        running = BackgroundServer(settings, store, None if inline else executor)
+        running = BackgroundServer(settings, store, None if inline else executor, worker)
         yield running
         running.close()
     store.close()
+
+
+async def hungry(worker: Backlog, stop: threading.Event) -> None:
+    """A stream worker with a backlog: it takes the loop in slices for as long as it runs."""
+    while not stop.is_set():
+        worker.mark()
+        time.sleep(QUERY_S / 5)
+        await asyncio.sleep(0)
 
 
 async def overload(target: str) -> tuple[Counter[str], list[float], list[float]]:
@@ -105,9 +117,8 @@ def test_twice_capacity_is_shed_and_health_answers(server: BackgroundServer) -> 
         gc.unfreeze()
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
     # What is served is what capacity allows: all of the store's time with an executor, the
-    # ranker's share of the loop inline.
-    share = INLINE_LOOP_SHARE if server.ranker.guard._loop_share else 1.0
-    capacity = share * DURATION_S / QUERY_S
+    # ranker's share of the loop inline (the worker has nothing to do).
+    capacity = (IDLE_SHARE if server.ranker.guard.inline else 1.0) * DURATION_S / QUERY_S
     assert capacity / 2 <= codes["OK"] <= capacity + MAX_IN_FLIGHT + 1, codes
     # No growing queue: unshed, the last calls would wait about DURATION_S / 2 (1 s).
     assert max(served) < BOUNDED_S, sorted(served)[-5:]
@@ -140,3 +151,55 @@ def test_1ms_deadlines_end_cleanly_and_free_their_slots(server: BackgroundServer
     while server.ranker.guard.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.ranker.guard.in_flight == 0
+
+
+def test_inline_a_worker_with_a_backlog_gets_its_share_of_the_loop(
+    server: BackgroundServer,
+) -> None:
+    """One caller back to back: alone, and beside a worker that has a backlog."""
+    with RankerClient(f"127.0.0.1:{server.ranker.port}") as client:
+        alone = lone_client(client)
+        stop = threading.Event()
+        assert server.worker is not None
+        asyncio.run_coroutine_threadsafe(hungry(server.worker, stop), server.loop)
+        try:
+            beside = lone_client(client)
+        finally:
+            stop.set()
+    calls = 2 * WINDOW_S / QUERY_S
+    if server.ranker.guard.inline:
+        assert IDLE_SHARE * calls * 0.75 <= alone["OK"] <= IDLE_SHARE * calls + 2, alone
+        assert BACKLOG_SHARE * calls * 0.5 <= beside["OK"] <= BACKLOG_SHARE * calls + 2, beside
+    else:
+        assert set(alone) == set(beside) == {"OK"}, (alone, beside)
+
+
+def lone_client(client: RankerClient) -> Counter[str]:
+    """One caller, back to back, for two windows: the codes it got."""
+    codes: Counter[str] = Counter()
+    deadline = time.monotonic() + 2 * WINDOW_S
+    while time.monotonic() < deadline:
+        codes[outcome(lambda: client.recommend("u-both", 5)).name] += 1
+    return codes
+
+
+def test_the_share_is_smaller_beside_a_backlog() -> None:
+    assert ranker_share(worker_backlog=True) == BACKLOG_SHARE < IDLE_SHARE < 1
+    assert ranker_share(worker_backlog=False) == IDLE_SHARE
+
+
+def test_time_and_backlog_count_only_the_last_window() -> None:
+    now = [100.0]
+    use, backlog = TimeWindow(clock=lambda: now[0]), Backlog(clock=lambda: now[0])
+    assert not backlog.recent()
+    use.record(0.2)
+    backlog.mark()
+    now[0] += WINDOW_S / 2
+    use.record(0.3)
+    assert use.total() == pytest.approx(0.5)
+    assert backlog.recent()
+    now[0] += WINDOW_S * 0.75
+    assert use.total() == pytest.approx(0.3)
+    assert not backlog.recent()
+    now[0] += WINDOW_S
+    assert use.total() == 0
