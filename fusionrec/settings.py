@@ -166,9 +166,9 @@ class RankerSettings(_Section):
     # two scans of the catalog in Qdrant local mode (~130 ms at 10k items): at 0.5 s nearly
     # every Recommend paid for them, at 5 s about one in 25 at one request at a time.
     prior_cache_ttl_s: float = 5.0
-    # Candidates' vectors kept in the ranker, so each Recommend reads only those it lacks
-    # (about 6.5 KB an item with the default encoders: 20,000 is about 130 MB).
-    vector_cache_items: int = Field(20_000, ge=0)
+    # Candidates' vectors and content kept in the ranker, so each Recommend reads only the
+    # items it lacks (about 7 KB an item with the default encoders: 20,000 is about 140 MB).
+    item_cache_size: int = Field(20_000, ge=0)
     popularity_weight: float = 0.05
     recency_weight: float = 0.05
     # Weight of the user's tag affinity (cosine to the item's tags) beside the modalities.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -31,17 +33,20 @@ POPULARITY_AT = "popularity_at"
 TREND = "trend"
 # {item id: count}: how often users engaged that item right after this one, or before it.
 CO_ENGAGED = "co_engaged"
-# A digest of the item's vectors: readers may cache vectors under (point id, digest), since
-# any change of the vectors changes it.
-VECTORS_DIGEST = "vectors_digest"
+# A digest of what only an upsert of the item changes (its vectors and CONTENT_FIELDS): readers
+# may cache those under (point id, digest), since any change of them changes it.
+CONTENT_DIGEST = "content_digest"
+CONTENT_FIELDS = (ITEM_ID, TITLE, CATEGORY, TAGS, CREATED_AT)
 
 
-def vectors_digest(vectors: Mapping[str, np.ndarray]) -> str:
-    """Content digest of named vectors, stable across processes and replays."""
+def content_digest(vectors: Mapping[str, np.ndarray], payload: Mapping[str, Any]) -> str:
+    """Digest of named vectors and the payload's CONTENT_FIELDS, stable across processes and
+    replays."""
     h = hashlib.blake2b(digest_size=12)
     for name in sorted(vectors):
         h.update(name.encode())
         h.update(np.ascontiguousarray(vectors[name], dtype=np.float32).tobytes())
+    h.update(json.dumps([payload.get(f) for f in CONTENT_FIELDS]).encode())
     return h.hexdigest()
 
 

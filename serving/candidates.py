@@ -6,11 +6,12 @@ id, through the filter when there is one). Each request carries the same filter 
 payload fields ranking reads. `OrderByQuery` serves fresh and popular in local mode and on a
 server alike (a server needs the range indexes `ensure_collections` makes).
 
-Vectors come from a `VectorCache` keyed by point id and the digest of the item's vectors (in its
-payload), and only the ones it lacks are read, in one `retrieve`. Candidates' vectors were most
-of a Recommend: a few hundred points of 1,664 floats, which local mode turns into Python lists
-one by one (about 40% of the worker's busy time while a client polled it) and a server sends
-over the wire.
+Searches return only the payload fields that events change (`LIVE_FIELDS`: popularity) and the
+item's content digest; vectors and the fields only an upsert changes come from an `ItemCache`
+keyed by point id and that digest, and only the items it lacks are read, in one `retrieve`.
+Candidates' vectors were most of a Recommend (a few hundred points of 1,664 floats, which local
+mode turns into Python lists one by one and a server sends over the wire), and after them the
+payloads local mode deep-copies point by point (a third of a Recommend at 10k items).
 
 Two choices keep a request cheap on Qdrant local mode, which evaluates filters and orderings
 point by point in Python (a Recommend over 10k items took ~650 ms with them in every request):
@@ -34,29 +35,20 @@ from qdrant_client import QdrantClient, models
 from fusionrec.store import (
     ATTRIBUTES,
     CATEGORY,
+    CONTENT_DIGEST,
+    CONTENT_FIELDS,
     CREATED_AT,
     ITEM_ID,
     POPULARITY,
     POPULARITY_AT,
     TAGS,
-    TITLE,
     TREND,
-    VECTORS_DIGEST,
     modality_of,
 )
 
-# The payload fields ranking reads. Only these are fetched: local mode deep-copies every
-# payload it returns, and attributes and co-engagement counts would be most of it.
-RANKED_FIELDS = [
-    ITEM_ID,
-    TITLE,
-    CATEGORY,
-    TAGS,
-    CREATED_AT,
-    POPULARITY,
-    POPULARITY_AT,
-    VECTORS_DIGEST,
-]
+# The payload fields every search returns: those events change, and the digest that says
+# whether a cached item is current. The rest ranking reads (CONTENT_FIELDS) are cached.
+LIVE_FIELDS = [CONTENT_DIGEST, POPULARITY, POPULARITY_AT]
 
 FRESH = "fresh"
 POPULAR = "popular"
@@ -144,49 +136,62 @@ class PriorCache:
         self._lists[key] = (now, points)
 
 
-class VectorCache:
-    """Items' vectors by (point id, digest of its vectors), the `size` last used.
+@dataclass(frozen=True)
+class Item:
+    """What only an upsert changes: the CONTENT_FIELDS of the payload and the vectors."""
 
-    A cached row is never stale: new vectors come with a new digest. Points without a digest
-    (written before it existed) are read every time. Thread-safe, for rankers that query the
-    store from an executor.
+    fields: dict[str, Any]
+    vectors: dict[str, np.ndarray]
+
+
+class ItemCache:
+    """Items by (point id, content digest), the `size` last used.
+
+    A cached item is never stale: a new upsert brings a new digest (the same content, the same
+    digest). Points without a digest are read every time. Thread-safe, for rankers that query
+    the store from an executor.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._rows: OrderedDict[tuple[str, str], dict[str, np.ndarray]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], Item] = OrderedDict()
         self._lock = threading.Lock()
 
-    def rows(
+    def items(
         self, client: QdrantClient, collection: str, names: list[str], points: Sequence[Any]
-    ) -> list[dict[str, np.ndarray]]:
-        """The vectors of `points` (found with the digest in their payload), in their order."""
-        keys = [(str(p.id), (p.payload or {}).get(VECTORS_DIGEST)) for p in points]
+    ) -> list[Item]:
+        """The items of `points` (found with the digest in their payload), in their order."""
+        keys = [(str(p.id), (p.payload or {}).get(CONTENT_DIGEST)) for p in points]
         with self._lock:
-            got = {k: self._rows[k] for k in keys if k in self._rows}
+            got = {k: self._items[k] for k in keys if k in self._items}
             for k in got:
-                self._rows.move_to_end(k)
+                self._items.move_to_end(k)
         missing = [k[0] for k in keys if k not in got]
         if missing:
             read = client.retrieve(
-                collection, missing, with_payload=[VECTORS_DIGEST], with_vectors=names
+                collection,
+                missing,
+                with_payload=[CONTENT_DIGEST, *CONTENT_FIELDS],
+                with_vectors=names,
             )
-            fetched = {
-                (str(p.id), (p.payload or {}).get(VECTORS_DIGEST)): {
-                    n: np.asarray(v, dtype=np.float32)
-                    for n, v in (p.vector if isinstance(p.vector, dict) else {}).items()
-                }
-                for p in read
-            }
-            # Read after the search: an item updated in between is ranked on its new vectors.
-            by_id = {k[0]: row for k, row in fetched.items()}
-            got.update({k: by_id.get(k[0], {}) for k in keys if k not in got})
+            fetched = {}
+            for p in read:
+                payload = p.payload or {}
+                vectors = p.vector if isinstance(p.vector, dict) else {}
+                fetched[(str(p.id), payload.get(CONTENT_DIGEST))] = Item(
+                    {f: payload[f] for f in CONTENT_FIELDS if f in payload},
+                    {n: np.asarray(v, dtype=np.float32) for n, v in vectors.items()},
+                )
+            # Read after the search: an item updated in between is ranked as it is now.
+            by_id = {k[0]: item for k, item in fetched.items()}
+            gone = Item({}, {})
+            got.update({k: by_id.get(k[0], gone) for k in keys if k not in got})
             with self._lock:
-                for k, row in fetched.items():
+                for k, item in fetched.items():
                     if isinstance(k[1], str):
-                        self._rows[k] = row
-                while len(self._rows) > self.size:
-                    self._rows.popitem(last=False)
+                        self._items[k] = item
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
         return [got[k] for k in keys]
 
 
@@ -201,7 +206,7 @@ def generate(
     fresh: int,
     popular: int,
     exclude: Collection[str] = (),
-    vectors: VectorCache,
+    cache: ItemCache,
     priors: PriorCache | None = None,
     also: Collection[str] = (),
 ) -> Candidates:
@@ -229,7 +234,7 @@ def generate(
             using=using,
             filter=where or query_filter,
             limit=limit,
-            with_payload=RANKED_FIELDS,
+            with_payload=LIVE_FIELDS,
         )
 
     # (label, points kept, cache key, the request to send or the cached answer)
@@ -257,7 +262,7 @@ def generate(
         planned.append((label, limit, cache_key, request(order, fetch) if hit is None else hit))
     named: list[Any] = []
     if also and query_filter is None:
-        named = client.retrieve(collection, list(also), with_payload=RANKED_FIELDS)
+        named = client.retrieve(collection, list(also), with_payload=LIVE_FIELDS)
     elif also:
         only = models.Filter(must=[query_filter, models.HasIdCondition(has_id=list(also))])
         planned.append((CO_ENGAGED, len(also), None, request(None, len(also), where=only)))
@@ -274,7 +279,7 @@ def generate(
         found.append((label, [p for p in points if str(p.id) not in excluded][:limit]))
     if named:
         found.append((CO_ENGAGED, named))
-    return _merge(layout, found, lambda points: vectors.rows(client, collection, names, points))
+    return _merge(layout, found, lambda points: cache.items(client, collection, names, points))
 
 
 def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> models.Filter:
@@ -287,7 +292,7 @@ def _with_excluded(query_filter: models.Filter | None, ids: Collection[str]) -> 
 def _merge(
     layout: Layout,
     found: list[tuple[str, list[Any]]],
-    vectors_of: Callable[[list[Any]], list[dict[str, np.ndarray]]],
+    items_of: Callable[[list[Any]], list[Item]],
 ) -> Candidates:
     index: dict[str, int] = {}
     out = Candidates()
@@ -296,23 +301,23 @@ def _merge(
         for point in answer:
             key = str(point.id)
             if key not in index:
-                index[key] = len(out.ids)
-                payload = point.payload or {}
-                out.ids.append(str(payload.get(ITEM_ID, key)))
-                out.payloads.append(payload)
-                out.sources.append([])
+                index[key] = len(points)
                 points.append(point)
+                out.sources.append([])
             if label not in out.sources[index[key]]:
                 out.sources[index[key]].append(label)
-    rows = vectors_of(points) if points else []
+    items = items_of(points) if points else []
+    for point, item in zip(points, items, strict=True):
+        out.ids.append(str(item.fields.get(ITEM_ID, point.id)))
+        out.payloads.append({**item.fields, **(point.payload or {})})
     for modality, name in layout.vector_names.items():
         dim = layout.dims[modality]
-        have = [name in row and row[name].shape == (dim,) for row in rows]
+        have = [item.vectors.get(name, np.empty(0)).shape == (dim,) for item in items]
         out.present[modality] = np.array(have, dtype=bool)
-        matrix = np.zeros((len(rows), dim), dtype=np.float32)
+        matrix = np.zeros((len(items), dim), dtype=np.float32)
         for i, ok in enumerate(have):
             if ok:
-                matrix[i] = rows[i][name]
+                matrix[i] = items[i].vectors[name]
         out.vectors[modality] = matrix
     return out
 

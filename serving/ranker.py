@@ -32,9 +32,9 @@ from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving import fusion
 from serving.candidates import (
     Candidates,
+    ItemCache,
     Layout,
     PriorCache,
-    VectorCache,
     build_filter,
     generate,
     layout_of,
@@ -154,7 +154,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._layout: Layout | None = None
         self._layout_read_at = -math.inf
         self._priors = PriorCache(settings.ranker.prior_cache_ttl_s)
-        self._vectors = VectorCache(settings.ranker.vector_cache_items)
+        self._items = ItemCache(settings.ranker.item_cache_size)
 
     async def _checked(
         self, request: Any, id_name: str, id_value: str, context: grpc.aio.ServicerContext
@@ -288,7 +288,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 fresh=r.fresh_candidates if with_priors else 0,
                 popular=r.popular_candidates if with_priors else 0,
                 exclude=[item_point_id(i) for i in exclude],
-                vectors=self._vectors,
+                cache=self._items,
                 priors=self._priors,
                 also=also,
             ),

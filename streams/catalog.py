@@ -121,24 +121,26 @@ class Catalog:
             {name: l2_normalise(v).astype(np.float32) for name, v in vecs.items()}
             for vecs in vectors
         ]
-        points = [
-            models.PointStruct(
-                id=store.item_point_id(item.id),
-                vector={name: v.tolist() for name, v in vecs.items()},
-                payload={
-                    store.ITEM_ID: item.id,
-                    store.TITLE: item.title,
-                    store.CATEGORY: item.category,
-                    store.TAGS: list(item.tags),
-                    store.ATTRIBUTES: dict(item.attributes),
-                    store.CREATED_AT: item.created_at,
-                    "modalities": sorted({store.modality_of(n) for n in vecs}),
-                    store.VECTORS_DIGEST: store.vectors_digest(vecs),
-                    **self._engagement(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
-                },
+        points = []
+        for item, vecs in zip(items, unit, strict=True):
+            payload = {
+                store.ITEM_ID: item.id,
+                store.TITLE: item.title,
+                store.CATEGORY: item.category,
+                store.TAGS: list(item.tags),
+                store.ATTRIBUTES: dict(item.attributes),
+                store.CREATED_AT: item.created_at,
+                "modalities": sorted({store.modality_of(n) for n in vecs}),
+                **self._engagement(kept[item.id] if item.id in kept else CatalogItem({}, 0.0)),
+            }
+            payload[store.CONTENT_DIGEST] = store.content_digest(vecs, payload)
+            points.append(
+                models.PointStruct(
+                    id=store.item_point_id(item.id),
+                    vector={name: v.tolist() for name, v in vecs.items()},
+                    payload=payload,
+                )
             )
-            for item, vecs in zip(items, unit, strict=True)
-        ]
         self.client.upsert(self.collection, points=points)
 
     def delete(self, item_ids: Iterable[str]) -> None:

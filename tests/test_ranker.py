@@ -23,8 +23,8 @@ from qdrant_client import QdrantClient, models
 
 from fusionrec.loop import Backlog
 from fusionrec.settings import Settings
-from fusionrec.store import ensure_collections, item_point_id, user_point_id
-from serving.candidates import RANKED_FIELDS, VectorCache
+from fusionrec.store import ITEM_ID, TITLE, ensure_collections, item_point_id, user_point_id
+from serving.candidates import LIVE_FIELDS, ItemCache
 from serving.client import RankerClient
 from serving.server import RunningRanker, start_server, stop_server
 from streams.catalog import Catalog
@@ -370,32 +370,42 @@ class CountingStore:
         return self.client.retrieve(collection, ids, **kwargs)
 
 
-def test_vector_cache_reads_vectors_once_and_never_serves_stale_ones(tmp_path: Path) -> None:
-    """Rows come back in the points' order; a second ranking reads no vectors; new vectors
-    (a new digest) are read again; at most `size` rows are kept."""
+def test_item_cache_reads_items_once_and_never_serves_stale_ones(tmp_path: Path) -> None:
+    """Items come back in the points' order; a second ranking reads none; an item upserted
+    again with new vectors or a new title is read again; at most `size` items are kept."""
     settings = _settings(tmp_path)
     client = QdrantClient(":memory:")
     ensure_collections(client, settings, {TEXT: 4, IMAGE: 3})
     catalog = Catalog(client, settings, {})
     a = {TEXT: np.array([1.0, 0, 0, 0]), IMAGE: np.array([0, 2.0, 0])}  # stored unit length
-    catalog.upsert([ItemRecord(id="a"), ItemRecord(id="b")], [a, {TEXT: np.array([0, 1.0, 0, 0])}])
+    b = {TEXT: np.array([0, 1.0, 0, 0])}
+    catalog.upsert([ItemRecord(id="a", title="A"), ItemRecord(id="b")], [a, b])
     collection = settings.qdrant.items_collection
     points_of = lambda: client.retrieve(  # noqa: E731
-        collection, [item_point_id("b"), item_point_id("a")], with_payload=RANKED_FIELDS
+        collection, [item_point_id("b"), item_point_id("a")], with_payload=LIVE_FIELDS
     )
     store = CountingStore(client)
-    cache = VectorCache(size=2)
-    rows = cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
-    assert set(rows[0]) == {TEXT} and rows[1][IMAGE].tolist() == [0, 1, 0]
-    cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    cache = ItemCache(size=2)
+    items = cache.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert set(items[0].vectors) == {TEXT} and items[1].vectors[IMAGE].tolist() == [0, 1, 0]
+    assert items[1].fields[TITLE] == "A" and items[1].fields[ITEM_ID] == "a"
+    cache.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
     assert store.read == [2]
 
-    catalog.upsert([ItemRecord(id="a")], [{TEXT: np.array([0, 0, 1.0, 0])}])
-    rows = cache.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
-    assert store.read == [2, 1] and set(rows[1]) == {TEXT} and rows[1][TEXT].tolist()[2] == 1
+    catalog.upsert([ItemRecord(id="a", title="A")], [{TEXT: np.array([0, 0, 1.0, 0])}])
+    items = cache.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read == [2, 1] and set(items[1].vectors) == {TEXT}
+    assert items[1].vectors[TEXT].tolist()[2] == 1
+    catalog.upsert([ItemRecord(id="b", title="B", created_at=1.0)], [b])
+    items = cache.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read == [2, 1, 1] and items[0].fields[TITLE] == "B"
+    # The same content again (popularity, not content, is what events change): still cached.
+    catalog.upsert([ItemRecord(id="b", title="B", created_at=1.0)], [b])
+    cache.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read == [2, 1, 1]
 
-    small = VectorCache(size=1)
+    small = ItemCache(size=1)
     for _ in range(2):
-        small.rows(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
-    assert store.read[-2:] == [2, 1]  # one of the two rows kept
+        small.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
+    assert store.read[-2:] == [2, 1]  # one of the two items kept
     client.close()
