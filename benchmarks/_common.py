@@ -18,7 +18,6 @@ import numpy as np
 from fusionrec import store
 from fusionrec.launcher import ChildStack, spawn_stack
 from fusionrec.settings import Settings, load_settings
-from fusionrec.stack import fast_local_commits
 from serving.client import RankerClient
 from streams.catalog import Catalog
 from streams.profiles import Profile
@@ -147,7 +146,7 @@ class Seeder:
         client = store.connect(self.settings)
         try:
             store.ensure_collections(client, self.settings, self.dims)
-            fast_local_commits(client)
+            store.fast_local_commits(client)
             catalog = Catalog(client, self.settings, {})
             yield catalog, Users(client, self.settings, catalog)
         finally:

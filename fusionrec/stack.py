@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -181,9 +180,10 @@ def address(server: str) -> tuple[str, int]:
 
 # Past worker.stop_deadline_s from the stop signal (SIGTERM, SIGINT), whatever still waits (a
 # Kafka client on a broker that is gone, a thread that does not end), the process exits hard,
-# with EXIT_OVERDUE. Nothing committed is lost: Qdrant commits each write (SQLite WAL), offsets
-# not yet committed only mean a replay, which the idempotent sinks absorb, and an embedded broker
-# dies with the process (memory only: its messages were going anyway).
+# with EXIT_OVERDUE. Nothing committed is lost: Qdrant commits each batch's writes before its
+# offsets can be (SQLite WAL), offsets not yet committed only mean a replay, which the idempotent
+# sinks absorb, and an embedded broker dies with the process (memory only: its messages were
+# going anyway).
 EXIT_OVERDUE = 70  # EX_SOFTWARE
 
 
@@ -269,7 +269,7 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
         max_audio_seconds=settings.media.max_audio_seconds,
     )
     store.ensure_collections(client, settings, {e.vector_name: e.dim for e in encoders.values()})
-    fast_local_commits(client)
+    store.fast_local_commits(client)
     # A full collection over the torch heap froze the loop ~350 ms: freeze what loading made.
     gc.collect()
     gc.freeze()
@@ -322,21 +322,6 @@ class RetryNoise(logging.Filter):
             record.msg = f"{record.getMessage()} ({held} more like it not shown)"
             record.args = ()
         return True
-
-
-def fast_local_commits(client: Any) -> None:
-    """Qdrant local mode writes every point in its own SQLite transaction with an fsync: ~1.6 ms
-    a point here, which held profile folding near 300 events/s. In WAL mode with
-    synchronous=NORMAL (~0.35 ms a point) a commit still survives a crash of this process; only
-    a power cut can lose the last ones, and the embedded broker loses its messages then anyway.
-    Local mode has no setting for this, hence the reach into its connections; a server client
-    has none and is left alone."""
-    collections = getattr(getattr(client, "_client", None), "collections", None) or {}
-    for collection in collections.values():
-        connection = getattr(getattr(collection, "storage", None), "storage", None)
-        if isinstance(connection, sqlite3.Connection):
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def up(settings: Settings) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,91 @@ def ensure_collections(client: QdrantClient, settings: Settings, dims: Mapping[s
                 (TREND, models.PayloadSchemaType.FLOAT),
             ):
                 client.create_payload_index(name, field, field_schema=schema)
+
+
+def fast_local_commits(client: QdrantClient) -> None:
+    """Qdrant local mode writes every point in its own SQLite transaction with an fsync: ~1.6 ms
+    a point here, which held profile folding near 300 events/s. In WAL mode with
+    synchronous=NORMAL (~0.35 ms a point) a commit still survives a crash of this process; only
+    a power cut can lose the last ones, and the embedded broker loses its messages then anyway.
+    The connections are also wrapped so that `batched_commits` can commit a run of points at
+    once. Local mode has no setting for either, hence the reach into its connections; a server
+    client has none and is left alone."""
+    holder = _Holder()
+    for collection in _local_collections(client):
+        connection = collection.storage.storage
+        if isinstance(connection, sqlite3.Connection):
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            collection.storage.storage = _HeldConnection(connection, holder)
+
+
+@contextmanager
+def batched_commits(client: QdrantClient) -> Iterator[None]:
+    """Inside this block local mode's commit a point becomes a commit a run: the points written
+    to one collection in a row are committed together, when a write goes to another collection
+    or the block ends, whatever happens in it. Commits stay in the order of the writes, so a
+    crash leaves a prefix of them, as before (what the popularity protocol relies on: profiles,
+    then items, then the ledger). Call it around code that does not await: what an offset
+    commit acknowledges must be on disk first. Nests; a no-op for a server client."""
+    holders = {
+        id(c.storage.storage.holder): c.storage.storage.holder
+        for c in _local_collections(client)
+        if isinstance(c.storage.storage, _HeldConnection)
+    }
+    for h in holders.values():
+        h.depth += 1
+    try:
+        yield
+    finally:
+        for h in holders.values():
+            h.depth -= 1
+            if h.depth == 0:
+                h.flush()
+
+
+class _Holder:
+    """The run being held for the connections of one client."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: sqlite3.Connection | None = None
+
+    def hold(self, connection: sqlite3.Connection) -> None:
+        if self.pending is not connection:
+            self.flush()
+            self.pending = connection
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.commit()
+
+
+class _HeldConnection:
+    """A SQLite connection whose `with connection:` blocks (local mode's commit a point) leave
+    the commit to its holder while a batch is open. A failed write still rolls back the run it
+    belongs to and raises: the batch fails and is retried whole (writes are idempotent)."""
+
+    def __init__(self, connection: sqlite3.Connection, holder: _Holder) -> None:
+        self.connection = connection
+        self.holder = holder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.connection.__enter__()
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool | None:
+        if self.holder.depth and kind is None:
+            self.holder.hold(self.connection)
+            return False
+        if self.holder.pending is self.connection:
+            self.holder.pending = None  # rolled back (or committed) with this block
+        return self.connection.__exit__(kind, value, tb)
+
+
+def _local_collections(client: QdrantClient) -> list[Any]:
+    collections = getattr(getattr(client, "_client", None), "collections", None) or {}
+    return [c for c in collections.values() if hasattr(getattr(c, "storage", None), "storage")]

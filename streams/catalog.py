@@ -141,7 +141,8 @@ class Catalog:
                     payload=payload,
                 )
             )
-        self.client.upsert(self.collection, points=points)
+        with store.batched_commits(self.client):
+            self.client.upsert(self.collection, points=points)
 
     def delete(self, item_ids: Iterable[str]) -> None:
         ids = [store.item_point_id(i) for i in item_ids]

@@ -119,7 +119,7 @@ class Users:
         Events whose item is not in the catalog yet are held in the profile until it arrives.
         """
         profiles = self.load(e.user_id for e in events)
-        with self._store_is_truth(profiles):
+        with store.batched_commits(self.client), self._store_is_truth(profiles):
             self._deliver([p for p in profiles.values() if self._owes(p)])  # left by a crash
             fresh: list[EventRecord] = []
             now = time.time()
@@ -151,7 +151,7 @@ class Users:
         if not self.holding:
             return []
         held = list(self.load(self.holding).values())
-        with self._store_is_truth(p.user_id for p in held):
+        with store.batched_commits(self.client), self._store_is_truth(p.user_id for p in held):
             self._deliver([p for p in held if self._owes(p)])
             items = self.catalog.lookup(
                 {h["event"]["item_id"] for p in held for h in p.pending}, with_vectors=True

@@ -1,0 +1,56 @@
+"""Local mode's commits a run (fusionrec.store.batched_commits), read back from its SQLite files
+by a second connection, which sees only what was committed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from qdrant_client import QdrantClient, models
+
+from fusionrec import store
+
+
+def on_disk(root: Path, collection: str) -> int:
+    with sqlite3.connect(root / "collection" / collection / "storage.sqlite") as c:
+        return c.execute("SELECT count(*) FROM points").fetchone()[0]
+
+
+def point(i: int) -> models.PointStruct:
+    return models.PointStruct(id=i, vector={}, payload={"i": i})
+
+
+def test_a_run_is_committed_before_the_next_collection_is_written(tmp_path: Path) -> None:
+    client = QdrantClient(path=str(tmp_path))
+    for name in ("a", "b"):
+        client.create_collection(name, vectors_config={})
+    store.fast_local_commits(client)
+    with store.batched_commits(client):
+        client.upsert("a", [point(1), point(2)])
+        assert on_disk(tmp_path, "a") == 0  # held
+        with store.batched_commits(client):  # nested: still one batch
+            client.upsert("b", [point(1)])
+        # The run on "a" was committed before "b" was written; "b" waits for the end.
+        assert (on_disk(tmp_path, "a"), on_disk(tmp_path, "b")) == (2, 0)
+        client.upsert("a", [point(3)])
+        assert (on_disk(tmp_path, "a"), on_disk(tmp_path, "b")) == (2, 1)
+    assert on_disk(tmp_path, "a") == 3
+    client.upsert("a", [point(4)])  # outside a batch: a commit a point, as local mode does
+    assert on_disk(tmp_path, "a") == 4
+    client.close()
+
+
+def test_what_a_failed_batch_wrote_is_committed_too(tmp_path: Path) -> None:
+    """Memory and disk agree after a failure: local mode has applied the writes in memory."""
+    client = QdrantClient(path=str(tmp_path))
+    client.create_collection("a", vectors_config={})
+    store.fast_local_commits(client)
+    with pytest.raises(RuntimeError), store.batched_commits(client):
+        client.upsert("a", [point(1)])
+        raise RuntimeError("the batch failed after a write")
+    assert on_disk(tmp_path, "a") == 1
+    client.close()
+    reopened = QdrantClient(path=str(tmp_path))
+    assert [p.id for p in reopened.scroll("a")[0]] == [1]
+    reopened.close()
