@@ -67,7 +67,7 @@ def build_open_clip(
     model = cache(lambda: torch_modules.open_clip_model(arch, checkpoint))
     image_backend = runtime.backend(
         vector_name(ImageEncoder.modality, name),
-        lambda: torch_modules.ImageTower(model()),
+        lambda: torch_modules.Tower(model(), "encode_image"),
         ("pixels",),
     )
     image = ImageEncoder(
@@ -81,7 +81,7 @@ def build_open_clip(
     )
     text_backend = runtime.backend(
         vector_name(TextEncoder.modality, name),
-        lambda: torch_modules.TextTower(model()),
+        lambda: torch_modules.Tower(model(), "encode_text"),
         ("text",),
     )
     text = TextEncoder(name, dim, tokenize, text_backend, batch_size, max_chars=64 * context)

@@ -76,22 +76,17 @@ def aisfx_module() -> torch.nn.Module:
     return net
 
 
-class ImageTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+class Tower(torch.nn.Module):
+    """One tower of a CLIP model as a module of its own: `encode` is "encode_image" or
+    "encode_text"."""
+
+    def __init__(self, model: torch.nn.Module, encode: str) -> None:
         super().__init__()
         self.model = model
+        self.encode = encode
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-
-class TextTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(text)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.encode)(inputs)
 
 
 def open_clip_model(arch: str, checkpoint: str | None) -> torch.nn.Module:

@@ -156,16 +156,16 @@ def batched_commits(client: QdrantClient) -> Iterator[None]:
     then items, then the ledger). Call it around code that does not await: what an offset
     commit acknowledges must be on disk first. Nests; a no-op for a server client."""
     holders = {
-        id(c.storage.storage.holder): c.storage.storage.holder
+        c.storage.storage.holder
         for c in _local_collections(client)
         if isinstance(c.storage.storage, _HeldConnection)
     }
-    for h in holders.values():
+    for h in holders:
         h.depth += 1
     try:
         yield
     finally:
-        for h in holders.values():
+        for h in holders:
             h.depth -= 1
             if h.depth == 0:
                 h.flush()

@@ -2,9 +2,9 @@
 
 Sources: the nearest items to each query vector (one request per modality), the newest items
 ("fresh"), the most popular ("popular") and items named by the caller ("co-engaged": fetched by
-id, through the filter when there is one). Each request carries the same filter and returns the
-payload fields ranking reads. `OrderByQuery` serves fresh and popular in local mode and on a
-server alike (a server needs the range indexes `ensure_collections` makes).
+id, through the filter when there is one). Each request carries the same filter.
+`OrderByQuery` serves fresh and popular in local mode and on a server alike (a server needs the
+range indexes `ensure_collections` makes).
 
 Searches return only the payload fields that events change (`LIVE_FIELDS`: popularity) and the
 item's content digest; vectors and the fields only an upsert changes come from an `ItemCache`
