@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # encoders package: put the repository root there instead.
 sys.path[0] = str(ROOT)
 BATCHES = (1, 8, 32)
-# (modality, backend): "torch", "onnx", or the peer "st" (sentence-transformers encode()).
+# (modality, backend): "torch", "onnx", "onnx-int8" (the export's int8 twin), or the peer "st"
+# (sentence-transformers encode()).
 RUNS = [
     ("text", "torch"),
     ("text", "onnx"),
+    ("text", "onnx-int8"),
     ("text", "st"),
     ("text-titles", "torch"),
     ("text-titles", "onnx"),
+    ("text-titles", "onnx-int8"),
     ("text-titles", "st"),
     ("image", "torch"),
     ("image", "onnx"),
@@ -72,7 +75,8 @@ def worker(args: argparse.Namespace, modality: str, backend: str, n: int) -> dic
         threads=args.threads,
         batch_size=max(BATCHES),
         device="cpu",
-        onnx_dir=args.onnx_dir if backend == "onnx" else None,
+        onnx_dir=args.onnx_dir if backend.startswith("onnx") else None,
+        int8=backend == "onnx-int8",
     )
     encoder = build_encoders(cfg)[kind]
     if backend == "st":
@@ -84,10 +88,9 @@ def worker(args: argparse.Namespace, modality: str, backend: str, n: int) -> dic
         def run(batch: list[Any]) -> None:
             peer.encode(batch, batch_size=len(batch), normalize_embeddings=True)
     else:
-        assert (
-            type(encoder.backend).__name__
-            == {"torch": "TorchBackend", "onnx": "OnnxBackend"}[backend]
-        ), "ONNX model missing"
+        path = getattr(encoder.backend, "path", None)
+        runs = "torch" if path is None else "onnx-int8" if ".int8." in path.name else "onnx"
+        assert runs == backend, f"asked for {backend}, built {runs}: ONNX model missing"
 
         def run(batch: list[Any]) -> None:
             results = encoder.encode_batch(batch)
@@ -167,13 +170,14 @@ def main() -> None:
                 results[(modality, backend)] = run_isolated(args, modality, backend, n)
 
     print(f"\nthreads={args.threads}, items per run={args.n}, median of {args.repeats}")
-    head = f"{'modality':<12} {'backend':<8}" + "".join(f" {f'b={b} items/s':>14}" for b in BATCHES)
+    head = f"{'modality':<12} {'backend':<10}"
+    head += "".join(f" {f'b={b} items/s':>14}" for b in BATCHES)
     print(head + f" {'prep share b=32':>16} {'peak RSS MiB':>13}")
     for (modality, backend), r in results.items():
         rates = "".join(f" {r['figures'][str(b)]['items_per_s']:>14.1f}" for b in BATCHES)
         share = r["figures"]["32"]["prep_share"]
         share_text = f"{share:.0%}" if share is not None else "-"
-        print(f"{modality:<12} {backend:<8}{rates} {share_text:>16} {r['peak_rss_mib']:>13.0f}")
+        print(f"{modality:<12} {backend:<10}{rates} {share_text:>16} {r['peak_rss_mib']:>13.0f}")
 
     def rate(modality: str, backend: str) -> float:
         return round(results[(modality, backend)]["figures"]["32"]["items_per_s"], 1)
@@ -181,9 +185,11 @@ def main() -> None:
     summary = {
         "text_torch_items_per_s": rate("text", "torch"),
         "text_onnx_items_per_s": rate("text", "onnx"),
+        "text_onnx_int8_items_per_s": rate("text", "onnx-int8"),
         "text_sentence_transformers_items_per_s": rate("text", "st"),
         "text_titles_torch_items_per_s": rate("text-titles", "torch"),
         "text_titles_onnx_items_per_s": rate("text-titles", "onnx"),
+        "text_titles_onnx_int8_items_per_s": rate("text-titles", "onnx-int8"),
         "text_titles_sentence_transformers_items_per_s": rate("text-titles", "st"),
         "image_torch_items_per_s": rate("image", "torch"),
         "image_onnx_items_per_s": rate("image", "onnx"),

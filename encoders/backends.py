@@ -47,9 +47,10 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
-def onnx_file(onnx_dir: Path | str, vector_name: str) -> Path:
-    """Where an encoder's exported model lives: named by its vector name, hence by its version."""
-    return Path(onnx_dir) / f"{vector_name}.onnx"
+def onnx_file(onnx_dir: Path | str, vector_name: str, int8: bool = False) -> Path:
+    """Where an encoder's exported model lives: named by its vector name, hence by its version
+    (its int8 twin: `<vector name>.int8.onnx`, same vector name, see encoders/onnx.py)."""
+    return Path(onnx_dir) / f"{vector_name}{'.int8' if int8 else ''}.onnx"
 
 
 class TorchBackend:
@@ -92,11 +93,13 @@ class OnnxBackend:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where the models of one registry build run. `onnx_dir` None: torch only (for export)."""
+    """Where the models of one registry build run. `onnx_dir` None: torch only (for export).
+    `int8`: prefer an export's int8 twin where there is one."""
 
     device: str = "auto"
     threads: int = 1
     onnx_dir: Path | str | None = None
+    int8: bool = False
 
     def backend(
         self,
@@ -107,8 +110,9 @@ class Runtime:
         """The exported model when there is one, else `module()` on torch. `module` loads the
         torch weights, so it is called only when no export exists."""
         if self.onnx_dir is not None:
-            path = onnx_file(self.onnx_dir, vector_name)
-            if path.is_file():
-                return OnnxBackend(path, self.device, self.threads)
+            for int8 in (True, False) if self.int8 else (False,):
+                path = onnx_file(self.onnx_dir, vector_name, int8)
+                if path.is_file():
+                    return OnnxBackend(path, self.device, self.threads)
         set_torch_threads(self.threads)
         return TorchBackend(module(), input_names, resolve_device(self.device))

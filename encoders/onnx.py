@@ -5,6 +5,12 @@ transformer + pooling + normalisation; tokenisation stays in Python). A file is 
 onnxruntime and torch agree to a cosine of at least 1 - 1e-4 on every real input checked
 (MovieLens texts and posters when the data set is found, synthesized audio); point
 `onnx_dir` at `out_dir` and the registry runs those encoders on onnxruntime, same names.
+
+A model with matrix products (transformers: the text models, CLIP) also gets an int8 twin,
+`<vector name>.int8.onnx`: weights quantized per output channel, activations per batch
+(onnxruntime's dynamic quantization), kept when it agrees with torch to a cosine of 0.98. Its
+vectors are close to the exact ones, not equal, so it keeps the vector name: stored vectors stay
+comparable, and `encoders.int8` switches a deployment either way without re-encoding.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ if TYPE_CHECKING:
     from fusionrec.settings import EncoderSettings
 
 MIN_COSINE = 1.0 - 1e-4
+# MiniLM on 512 MovieLens plots: int8 min cosine 0.984, median 0.992; the text-only content
+# baseline's NDCG@20 did not move (protocol A 0.204 -> 0.204, B 0.066 -> 0.066).
+INT8_MIN_COSINE = 0.98
+# Dynamic quantization pays off on matrix products; convolutions (MobileNet, aisfx) run slower.
+INT8_OPS = ("MatMul", "Gemm")
 DEFAULT_DATA = Path("../shared/data/movielens-100k")
 OPSET = 17
 
@@ -41,10 +52,11 @@ class ExportResult:
     min_cosine: float
     seconds: float
     error: str | None = None
+    bound: float = MIN_COSINE  # the agreement required
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.min_cosine >= MIN_COSINE
+        return self.error is None and self.min_cosine >= self.bound
 
 
 @dataclass
@@ -56,12 +68,14 @@ class ExportReport:
         return all(r.ok for r in self.results)
 
     def __str__(self) -> str:
-        lines = [f"{'encoder':<34} {'ok':<4} {'min cosine':>12} {'s':>6}  checked on / file"]
+        head = f"{'encoder':<34} {'ok':<4} {'min cosine':>12} {'bound':>8} {'s':>6}"
+        lines = [f"{head}  checked on / file"]
         for r in self.results:
             where = r.error or f"{r.inputs} -> {r.path}"
             mark = "yes" if r.ok else "NO"
             lines.append(
-                f"{r.vector_name:<34} {mark:<4} {r.min_cosine:>12.7f} {r.seconds:>6.1f}  {where}"
+                f"{r.vector_name:<34} {mark:<4} {r.min_cosine:>12.7f} {r.bound:>8.4f}"
+                f" {r.seconds:>6.1f}  {where}"
             )
         return "\n".join(lines)
 
@@ -69,7 +83,8 @@ class ExportReport:
 def export_all(
     cfg: EncoderSettings, out_dir: Path | str, data_dir: Path | str | None = None, n: int = 64
 ) -> ExportReport:
-    """Export each enabled encoder; `data_dir` is MovieLens (default ../shared/data/...)."""
+    """Export each enabled encoder, and its int8 twin where it has matrix products; `data_dir`
+    is MovieLens (default ../shared/data/...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir is not None else DEFAULT_DATA
@@ -79,28 +94,69 @@ def export_all(
         if not isinstance(encoder, ModelEncoder):
             continue
         inputs, label = sample_inputs(modality, data, n)
+        check = Agreement(encoder, [encoder.prepare(c) for c in inputs], device, cfg.threads)
+        name = encoder.vector_name
         started = time.perf_counter()
         path, cosine, error = None, 0.0, None
         try:
-            path, cosine = export_encoder(encoder, inputs, out, device, cfg.threads)
+            path, cosine = export_encoder(encoder, check, out)
         except Exception as exc:  # one encoder failing to export must not hide the others
+            error = f"{type(exc).__name__}: {exc}"
+        results.append(
+            ExportResult(modality, name, path, label, cosine, time.perf_counter() - started, error)
+        )
+        if path is None or not has_ops(path, INT8_OPS):
+            continue
+        started = time.perf_counter()
+        int8, cosine, error = None, 0.0, None
+        try:
+            int8, cosine = export_int8(path, check, onnx_file(out, name, int8=True))
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - started
         results.append(
-            ExportResult(modality, encoder.vector_name, path, label, cosine, seconds, error)
+            ExportResult(
+                modality, f"{name} (int8)", int8, label, cosine, seconds, error, INT8_MIN_COSINE
+            )
         )
     return ExportReport(results)
 
 
-def export_encoder(
-    encoder: ModelEncoder, contents: list[Any], out: Path, device: str, threads: int
-) -> tuple[Path, float]:
-    """Export one torch encoder; keep the file only if onnxruntime agrees on `contents`."""
+class Agreement:
+    """How closely an ONNX file reproduces the torch encoder on fixed prepared inputs."""
+
+    def __init__(self, encoder: ModelEncoder, prepared: list[Any], device: str, threads: int):
+        self.encoder = encoder
+        self.prepared = prepared
+        self.device = device
+        self.threads = threads
+        self.expected = encoder.encode(prepared)
+
+    def min_cosine(self, path: Path) -> float:
+        backend = self.encoder.backend
+        try:
+            self.encoder.backend = OnnxBackend(path, self.device, self.threads)
+            got = self.encoder.encode(self.prepared)
+        finally:
+            self.encoder.backend = backend
+        return float(np.min(np.sum(self.expected * got, axis=1)))  # both are L2-normalised
+
+    def keep(self, tmp: Path, path: Path, bound: float) -> tuple[Path, float]:
+        """Move `tmp` to `path` if it agrees to `bound`; delete it and raise otherwise."""
+        cosine = self.min_cosine(tmp)
+        if cosine < bound:
+            tmp.unlink()
+            raise ValueError(f"onnxruntime disagrees with torch: min cosine {cosine:.6f}")
+        tmp.replace(path)
+        return path, cosine
+
+
+def export_encoder(encoder: ModelEncoder, check: Agreement, out: Path) -> tuple[Path, float]:
+    """Export one torch encoder; keep the file only if onnxruntime agrees with it."""
     backend = encoder.backend
     if not isinstance(backend, TorchBackend):
         raise TypeError("only torch-backed encoders export")
-    prepared = [encoder.prepare(c) for c in contents]
-    example = encoder.collate(prepared[:2])
+    example = encoder.collate(check.prepared[:2])
     path = onnx_file(out, encoder.vector_name)
     tmp = path.with_suffix(".tmp.onnx")
     names = list(backend.input_names)
@@ -121,18 +177,33 @@ def export_encoder(
             dynamo=False,
         )
     backend.module.to(backend.device)
-    try:
-        expected = encoder.encode(prepared)
-        encoder.backend = OnnxBackend(tmp, device, threads)
-        got = encoder.encode(prepared)
-    finally:
-        encoder.backend = backend
-    cosine = float(np.min(np.sum(expected * got, axis=1)))  # both are L2-normalised
-    if cosine < MIN_COSINE:
-        tmp.unlink()
-        raise ValueError(f"onnxruntime disagrees with torch: min cosine {cosine:.6f}")
-    tmp.replace(path)
-    return path, cosine
+    return check.keep(tmp, path, MIN_COSINE)
+
+
+def has_ops(path: Path, ops: tuple[str, ...]) -> bool:
+    import onnx
+
+    return any(node.op_type in ops for node in onnx.load(str(path)).graph.node)
+
+
+def export_int8(exported: Path, check: Agreement, path: Path) -> tuple[Path, float]:
+    """The int8 twin of an exported model, kept if it agrees with torch to INT8_MIN_COSINE."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(
+            str(exported),
+            str(tmp),
+            per_channel=True,  # per-tensor moved MiniLM's vectors 4x further (median 0.962)
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(INT8_OPS),
+            # Types shape inference cannot tell are float, as everything in these graphs.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    return check.keep(tmp, path, INT8_MIN_COSINE)
 
 
 def sample_inputs(modality: str, data: Path, n: int) -> tuple[list[Any], str]:

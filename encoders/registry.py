@@ -10,7 +10,8 @@ Which model each setting gives:
 Video has no encoder of its own: streams/video.py (PyAV) turns it into key frames for the image
 encoder and a sound track for the audio encoder.
 An encoder whose `<vector name>.onnx` is in `onnx_dir` (see encoders/onnx.py) runs on
-onnxruntime instead of torch, under the same name and with the same vectors; its torch model
+onnxruntime instead of torch, under the same name and with the same vectors (with `int8`: its
+`<vector name>.int8.onnx` where there is one, vectors within ~0.01 cosine); its torch model
 is then never built (see backends.Runtime), so a worker on ONNX loads neither torch nor its
 weights (open_clip's preprocessing still imports torch).
 """
@@ -46,7 +47,7 @@ def build_encoders(
     unknown = sorted(set(cfg.enabled) - set(MODALITIES))
     if unknown:
         raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
-    runtime = Runtime(cfg.device, cfg.threads, cfg.onnx_dir if use_onnx else None)
+    runtime = Runtime(cfg.device, cfg.threads, cfg.onnx_dir if use_onnx else None, cfg.int8)
     clip_text = cfg.text_model == "open_clip"
     if clip_text and not cfg.image_model.startswith(OPEN_CLIP_PREFIX):
         raise ValueError('text_model "open_clip" needs image_model "open_clip:<arch>"')

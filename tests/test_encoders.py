@@ -20,7 +20,7 @@ from encoders import torch_modules
 from encoders.audio import build_aisfx_encoder
 from encoders.backends import Runtime, TorchBackend
 from encoders.base import EncodeError, Encoder
-from encoders.onnx import MIN_COSINE, export_all, synthetic_audio
+from encoders.onnx import INT8_MIN_COSINE, MIN_COSINE, export_all, synthetic_audio
 from encoders.registry import build_encoders
 from fusionrec.settings import EncoderSettings
 
@@ -287,6 +287,32 @@ def test_onnx_build_never_builds_torch_and_gives_the_same_vectors(
                 assert cos(s, f) >= MIN_COSINE
 
 
+def test_int8_twins_are_made_for_transformers_and_stay_close(
+    onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export quantizes the text model (matrix products), not the convolutional ones; with
+    `int8` the registry runs the twin under the same vector name, close to the exact vectors."""
+    assert [p.name for p in onnx_dir.glob("*.int8.onnx")] == ["text.minilm-l6-v2.int8.onnx"]
+    no_torch_models(monkeypatch)
+    exact = build_encoders(EncoderSettings(threads=2, onnx_dir=onnx_dir))
+    int8 = build_encoders(EncoderSettings(threads=2, onnx_dir=onnx_dir, int8=True))
+    assert {m: e.vector_name for m, e in int8.items()} == {
+        m: e.vector_name for m, e in exact.items()
+    }
+    runs = {m: e.backend.path.name for m, e in int8.items()}  # type: ignore[attr-defined]
+    assert runs == {
+        "text": "text.minilm-l6-v2.int8.onnx",
+        "image": "image.mobilenet-v2.onnx",
+        "audio": "audio.aisfx-v1.onnx",
+    }
+    texts = movielens_texts(32) or [f"a film about {w}" for w in ("cops", "grief", "space")]
+    a = np.stack(exact["text"].encode_batch(texts))
+    b = np.stack(int8["text"].encode_batch(texts))
+    cosines = np.sum(a * b, axis=1)
+    assert cosines.min() >= INT8_MIN_COSINE
+    assert np.median(cosines) < 0.9999  # really quantized, not the exact model again
+
+
 def test_onnx_worker_process_never_imports_torch(onnx_dir: Path) -> None:
     """What a worker pays at startup: a fresh process on exports alone loads no torch at all."""
     code = (
@@ -403,5 +429,6 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
-    for key in ("text_torch_items_per_s", "text_onnx_items_per_s", "image_torch_items_per_s"):
+    keys = ("text_torch_items_per_s", "text_onnx_items_per_s", "text_onnx_int8_items_per_s")
+    for key in (*keys, "image_torch_items_per_s"):
         assert figures[key] > 0
