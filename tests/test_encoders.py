@@ -432,3 +432,16 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     keys = ("text_torch_items_per_s", "text_onnx_items_per_s", "text_onnx_int8_items_per_s")
     for key in (*keys, "image_torch_items_per_s"):
         assert figures[key] > 0
+
+
+@needs_data
+def test_int8_quality_benchmark_runs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "benchmarks/int8_quality.py", "--data", str(DATA)]
+    run = subprocess.run(
+        [*command, "--limit-items", "60"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["items"] == 60
+    assert INT8_MIN_COSINE <= figures["cosine_min"] <= figures["cosine_median"] < 1.0
