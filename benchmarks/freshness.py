@@ -1,6 +1,6 @@
 """Publish-to-recommendable and event-to-effect times on the embedded stack, default encoders.
 
-    python benchmarks/freshness.py [--quick] [--seconds 10]
+    python benchmarks/freshness.py [--quick] [--seconds 10] [--onnx DIR [--int8]]
 
 Items with text and a drawn image (fusionrec.demo) go through Kafka and the real encoders.
 Each measured item has a twin published beforehand with the same text and image, so identical
@@ -149,6 +149,9 @@ def main() -> None:
         default=None,
         help="run the encoders on onnxruntime from this folder (exported there first if empty)",
     )
+    parser.add_argument(
+        "--int8", action="store_true", help="with --onnx: run the int8 twins (encoders.int8)"
+    )
     args = parser.parse_args()
     rates = (10.0, 50.0, 200.0)
     if args.quick:
@@ -169,6 +172,9 @@ def main() -> None:
             print(export_all(Settings().encoders, args.onnx), flush=True)
         env["FUSIONREC_ENCODERS__ONNX_DIR"] = str(args.onnx.resolve())
         backend = f"onnxruntime ({args.onnx})"
+        if args.int8:
+            env["FUSIONREC_ENCODERS__INT8"] = "true"
+            backend = f"onnxruntime, int8 twins ({args.onnx})"
     results: dict[float, dict[str, Any]] = {}
     with running_stack(root, env) as (child, settings):
         ranker = RankerClient(child.target, timeout=30)

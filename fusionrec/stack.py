@@ -27,7 +27,7 @@ from fusionrec.kafka_auth import kafka_python_options
 from fusionrec.loop import Backlog
 from fusionrec.settings import KafkaSettings, Settings
 from serving.server import start_server, stop_server
-from streams.app import create_app, sent_letters
+from streams.app import create_app
 from streams.deadletters import SentLetters
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,8 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     gc.freeze()
     # When the worker last had a backlog: an in-process ranker then leaves it half the loop.
     backlog = Backlog()
-    app = create_app(settings, client, encoders, backlog)
+    sent_letters = SentLetters()  # shared with BrokerLossGuard, which may empty it
+    app = create_app(settings, client, encoders, backlog, sent_letters)
     services: list[mode.Service] = [RankerService(settings, client, backlog)] if serve else []
     if settings.kafka.embedded:
         services.append(BrokerLossGuard(app, settings.kafka, sent_letters))

@@ -29,20 +29,21 @@ from streams.users import Users
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-# The ids of the dead letters sent, one set per worker process: replays reject a bad message
-# again, and its letter is sent once. Filled at start from the dead-letters topic; forgotten by
-# fusionrec/stack.py BrokerLossGuard when the broker comes back empty, with its letters gone.
-sent_letters = SentLetters()
-
 
 def create_app(
     settings: Settings,
     client: QdrantClient,
     encoders: Mapping[str, Encoder],
     backlog: Backlog | None = None,
+    sent_letters: SentLetters | None = None,
 ) -> faust.App:
     """The worker's app; it marks `backlog` whenever a batch comes full (for an in-process
-    ranker's admission: fusionrec.loop)."""
+    ranker's admission: fusionrec.loop).
+
+    `sent_letters` holds the ids of the dead letters sent, so that replays, which reject a bad
+    message again, send its letter once. Filled at start from the dead-letters topic; emptied by
+    fusionrec/stack.py BrokerLossGuard when the broker comes back empty, its letters gone.
+    """
     k = settings.kafka
     w = settings.worker
     app = faust.App(
@@ -68,12 +69,13 @@ def create_app(
     items_topic = app.topic(k.items_topic, **raw)
     events_topic = app.topic(k.events_topic, **raw)
     dead_letters = app.topic(k.dead_letters_topic, **raw)
-    # Set once sent_letters holds what the topic had at start: no letter is sent before.
+    # Set once the sent letters are read back from the topic: no letter is sent before.
     recovered = asyncio.Event()
 
     catalog = Catalog(client, settings, encoders)
     users = Users(client, settings, catalog)
     backlog = backlog or Backlog()
+    sent_letters = sent_letters if sent_letters is not None else SentLetters()
     # Encoding holds the GIL only between torch/onnx calls: off the loop, events keep flowing.
     encode_pool = ThreadPoolExecutor(w.encode_threads, thread_name_prefix="encode")
 
