@@ -69,11 +69,22 @@ def modality_of(vector_name: str) -> str:
     return vector_name.split(".", 1)[0]
 
 
+# SQLite's result codes for a database it cannot write now (locked by another process, disk
+# full or failing, file gone), as opposed to a statement it refuses.
+_LOCAL_OUTAGES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN")
+# How long a local-mode write waits for a lock held elsewhere before it fails (SQLite's default
+# here is 5 s): short, so the worker waits with backoff, off the loop the ranker shares.
+LOCAL_BUSY_TIMEOUT_MS = 200
+
+
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the store is out of reach for now (worth waiting for), as opposed to a
-    request it refuses. Covers the REST transport, HTTP 502-504 and gRPC UNAVAILABLE/DEADLINE."""
+    request it refuses. Covers the REST transport, HTTP 502-504, gRPC UNAVAILABLE/DEADLINE and,
+    in local mode, a database file that cannot be written now."""
     if isinstance(exc, ResponseHandlingException | ConnectionError | TimeoutError):
         return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorname", "").startswith(_LOCAL_OUTAGES)
     if isinstance(exc, UnexpectedResponse):
         return exc.status_code in (502, 503, 504)
     if isinstance(exc, grpc.RpcError):
@@ -135,6 +146,7 @@ def fast_local_commits(client: QdrantClient) -> None:
     a point here, which held profile folding near 300 events/s. In WAL mode with
     synchronous=NORMAL (~0.35 ms a point) a commit still survives a crash of this process; only
     a power cut can lose the last ones, and the embedded broker loses its messages then anyway.
+    A lock held elsewhere fails a write after LOCAL_BUSY_TIMEOUT_MS, not 5 s (`unavailable`).
     The connections are also wrapped so that `batched_commits` can commit a run of points at
     once. Local mode has no setting for either, hence the reach into its connections; a server
     client has none and is left alone."""
@@ -144,6 +156,7 @@ def fast_local_commits(client: QdrantClient) -> None:
         if isinstance(connection, sqlite3.Connection):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA busy_timeout={LOCAL_BUSY_TIMEOUT_MS}")
             collection.storage.storage = _HeldConnection(connection, holder)
 
 

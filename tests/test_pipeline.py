@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -177,3 +178,33 @@ def test_updates_and_deletes_are_messages_on_the_items_topic(stack: Stack, catal
     stack.wait("the update", moved)
     stack.publisher.publish_all("items", [{"id": "changing", "op": "delete"}])
     stack.wait("the delete", lambda: not stack.known("changing"))
+
+
+def test_a_locked_store_holds_the_worker_and_the_ranker_keeps_answering(stack: Stack, catalog):
+    """The store away for real (local mode: another process holds the items file's write lock,
+    as a backup tool may): the worker retries the batch with backoff instead of dead-lettering
+    it, the ranker keeps answering from what it has, and the item arrives once the lock goes."""
+    from tests.test_metrics import scrape, value
+
+    items = stack.settings.qdrant.items_collection
+    path = stack.media.parent / "state" / "qdrant" / "collection" / items / "storage.sqlite"
+    before = scrape(stack.metrics_url)
+    held = stack.item("snow", f"held-{uuid.uuid4()}", **NEUTRAL)
+    lock = sqlite3.connect(path, isolation_level=None, timeout=30)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        stack.publisher.publish_all("items", [held])
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # a few retries' worth
+            assert stack.client.serving()
+            assert stack.client.similar("p-snow-0", 3).items
+            assert not stack.known(held["id"])
+            time.sleep(0.2)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    stack.wait("the held item", lambda: stack.known(held["id"]), timeout=60)
+    after = scrape(stack.metrics_url)
+    for reason in ("processing_failed", "encode_failed"):
+        counted = value(after, "fusionrec_dead_letters_total", reason=reason)
+        assert counted == value(before, "fusionrec_dead_letters_total", reason=reason)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import httpx
 import numpy as np
 import pytest
@@ -98,6 +100,28 @@ def test_events_for_missing_items_are_held_until_the_item_arrives(state):
     p = restarted.load(["u"])["u"]
     assert p.pending == [] and p.vectors["text.t"][1] > 0
     assert restarted.holding == set()
+
+
+def test_a_locked_database_is_an_outage_and_a_retry_applies_once(state, tmp_path):
+    """Local mode's store outage for real: another process holds the users file's write lock
+    (as a backup tool may); the write fails fast as `unavailable`, and nothing is half-done."""
+    settings, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    store.fast_local_commits(client)
+    path = tmp_path / "q" / "collection" / settings.qdrant.users_collection / "storage.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as failure:
+            users.apply([event("e1", "a")])
+        assert store.unavailable(failure.value)
+        assert users.load(["u"])["u"].recent_event_ids == []  # read again from the store
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert users.apply([event("e1", "a")]) == 1
+    assert users.apply([event("e1", "a")]) == 0
+    assert catalog.lookup(["a"])["a"].popularity > 0
 
 
 def test_held_events_expire_to_the_caller(state):
@@ -214,3 +238,4 @@ def test_what_counts_as_the_store_being_away():
     assert not store.unavailable(UnexpectedResponse(400, "Bad Request", b"", httpx.Headers()))
     assert not store.unavailable(Rpc(grpc.StatusCode.INVALID_ARGUMENT))
     assert not store.unavailable(ValueError("a bug"))
+    assert not store.unavailable(sqlite3.OperationalError("no such table: points"))
