@@ -317,10 +317,14 @@ def export_encoders(
     out: Annotated[Path, typer.Option(help="Folder for the ONNX models.")] = Path("models/onnx"),
     config: Config = None,
 ) -> None:
-    """Export the configured torch encoders to ONNX, checking onnxruntime agrees with torch."""
+    """Export the configured torch encoders to ONNX, checking onnxruntime agrees with torch;
+    fails if an encoder could not be exported (an int8 twin that fails is only reported)."""
     from encoders.onnx import export_all
 
-    console.print(export_all(_settings(config).encoders, out))
+    report = export_all(_settings(config).encoders, out)
+    console.print(report)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

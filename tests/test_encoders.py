@@ -20,7 +20,14 @@ from encoders import torch_modules
 from encoders.audio import build_aisfx_encoder
 from encoders.backends import Runtime, TorchBackend
 from encoders.base import EncodeError, Encoder
-from encoders.onnx import INT8_MIN_COSINE, MIN_COSINE, export_all, synthetic_audio
+from encoders.onnx import (
+    INT8_MIN_COSINE,
+    MIN_COSINE,
+    ExportReport,
+    ExportResult,
+    export_all,
+    synthetic_audio,
+)
 from encoders.registry import build_encoders
 from fusionrec.settings import EncoderSettings
 
@@ -311,6 +318,17 @@ def test_int8_twins_are_made_for_transformers_and_stay_close(
     cosines = np.sum(a * b, axis=1)
     assert cosines.min() >= INT8_MIN_COSINE
     assert np.median(cosines) < 0.9999  # really quantized, not the exact model again
+
+
+def test_an_int8_twin_that_fails_its_check_does_not_fail_the_export() -> None:
+    exact = ExportResult("text", "text.m", Path("text.m.onnx"), "texts", 1.0, 1.0)
+    twin = ExportResult(
+        "text", "text.m (int8)", None, "texts", 0.9, 1.0, bound=INT8_MIN_COSINE, optional=True
+    )
+    assert not twin.ok and ExportReport([exact, twin]).ok
+    assert "NO" in str(ExportReport([exact, twin]))
+    broken = ExportResult("image", "image.m", None, "posters", 0.0, 1.0, error="boom")
+    assert not ExportReport([exact, twin, broken]).ok
 
 
 def test_onnx_worker_process_never_imports_torch(onnx_dir: Path) -> None:
