@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from fusionrec import metrics
-from fusionrec.loop import WINDOW_S, Backlog, TimeWindow, ranker_share
+from fusionrec.loop import Backlog, Budget, ranker_share
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class Guard(grpc.aio.ServerInterceptor):
     """Token check for every service but health; admission and metrics for `limited`.
 
     A call counts as in flight from the moment it is admitted until its task ends, however it
-    ends. When calls run `inline` (Qdrant local mode: on the loop, one after another) the time
-    they took of the last second is capped too, at a share that depends on the stream worker's
-    backlog (`worker`): fusionrec.loop.
+    ends. When calls run `inline` (Qdrant local mode: on the loop, one after another) their
+    share of the loop is capped too, at a share that depends on the stream worker's backlog
+    (`worker`), a lone call over it waiting for room rather than being shed: fusionrec.loop.
     """
 
     def __init__(
@@ -50,8 +50,9 @@ class Guard(grpc.aio.ServerInterceptor):
         self._max_in_flight = max_in_flight
         self._token = f"Bearer {token}".encode() if token else None
         self.inline = inline
-        self._used = TimeWindow()  # by inline calls
+        self._budget = Budget()  # of loop time, for inline calls
         self._worker = worker or Backlog()
+        self._pacer: asyncio.Task[Any] | None = None  # the call waiting for the budget
         self.in_flight = 0
 
     async def intercept_service(
@@ -68,13 +69,13 @@ class Guard(grpc.aio.ServerInterceptor):
             )
         if service != self._limited:
             return handler
-        full = self._full()
+        full, wait = self._admission()
         if full:
             metrics.RANKER_CALLS.labels(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
             return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
-        self._admit()
+        self._admit(pacer=wait > 0)
         return grpc.unary_unary_rpc_method_handler(
-            self._observed(method, handler.unary_unary),
+            self._observed(method, handler.unary_unary, wait),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -87,17 +88,20 @@ class Guard(grpc.aio.ServerInterceptor):
                 return hmac.compare_digest(given, self._token)
         return False
 
-    def _full(self) -> str | None:
-        """Why no call can be admitted now, or None."""
+    def _admission(self) -> tuple[str | None, float]:
+        """Why no call can be admitted now (None: it is), and how long an admitted call waits
+        before it runs (an inline call over the share, while no other call waits)."""
         if self.in_flight >= self._max_in_flight:
-            return f"the ranker is at its limit of {self._max_in_flight} calls in flight"
-        if self.inline:
-            share = ranker_share(self._worker.recent())
-            if self._used.total() >= share * WINDOW_S:
-                return f"the ranker has used its share ({share:.0%}) of the event loop"
-        return None
+            return f"the ranker is at its limit of {self._max_in_flight} calls in flight", 0.0
+        if not self.inline:
+            return None, 0.0
+        share = ranker_share(self._worker.recent())
+        wait = self._budget.wait(share)
+        if wait == 0.0 or self._pacer is None:
+            return None, wait
+        return f"the ranker has used its share ({share:.0%}) of the event loop", 0.0
 
-    def _admit(self) -> None:
+    def _admit(self, pacer: bool) -> None:
         # Interceptors run in the call's own task: its end releases the slot whatever happens
         # (a client that cancels before its request is read included).
         self.in_flight += 1
@@ -105,20 +109,32 @@ class Guard(grpc.aio.ServerInterceptor):
         task = asyncio.current_task()
         assert task is not None
         task.add_done_callback(self._release)
+        if pacer:
+            self._pacer = task
 
-    def _release(self, _task: asyncio.Task[Any]) -> None:
+    def _release(self, task: asyncio.Task[Any]) -> None:
         self.in_flight -= 1
         metrics.RANKER_IN_FLIGHT.set(self.in_flight)
+        if self._pacer is task:
+            self._pacer = None
 
-    def _observed(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    def _observed(
+        self, method: str, behavior: Callable[..., Awaitable[Any]], wait: float = 0.0
+    ) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if wait:
+                # One call at a time waits for the budget (the pacer); the calls grpc hands
+                # over meanwhile (the loop is free) are shed.
+                await asyncio.sleep(wait)
+                if self._pacer is asyncio.current_task():
+                    self._pacer = None
             start = time.perf_counter()
             try:
                 return await behavior(request, context)
             finally:
                 took = time.perf_counter() - start
                 if self.inline:
-                    self._used.record(took)
+                    self._budget.spend(took, ranker_share(self._worker.recent()))
                 metrics.RANK_SECONDS.labels(method).observe(took)
                 code = context.code() or grpc.StatusCode.OK
                 metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()

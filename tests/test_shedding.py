@@ -21,7 +21,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qdrant_client import QdrantClient
 
-from fusionrec.loop import BACKLOG_SHARE, IDLE_SHARE, WINDOW_S, Backlog, TimeWindow, ranker_share
+from fusionrec.loop import (
+    BACKLOG_SHARE,
+    BURST_S,
+    IDLE_SHARE,
+    WINDOW_S,
+    Backlog,
+    Budget,
+    ranker_share,
+)
 from fusionrec.settings import Settings
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving.client import RankerClient
@@ -168,6 +176,8 @@ def test_inline_a_worker_with_a_backlog_gets_its_share_of_the_loop(
             stop.set()
     calls = 2 * WINDOW_S / QUERY_S
     if server.ranker.guard.inline:
+        # Alone, it is paced to its share, never shed.
+        assert set(alone) == {"OK"}, alone
         assert IDLE_SHARE * calls * 0.75 <= alone["OK"] <= IDLE_SHARE * calls + 2, alone
         assert BACKLOG_SHARE * calls * 0.5 <= beside["OK"] <= BACKLOG_SHARE * calls + 2, beside
     else:
@@ -188,18 +198,29 @@ def test_the_share_is_smaller_beside_a_backlog() -> None:
     assert ranker_share(worker_backlog=False) == IDLE_SHARE
 
 
-def test_time_and_backlog_count_only_the_last_window() -> None:
+def test_a_backlog_counts_for_one_window() -> None:
     now = [100.0]
-    use, backlog = TimeWindow(clock=lambda: now[0]), Backlog(clock=lambda: now[0])
+    backlog = Backlog(clock=lambda: now[0])
     assert not backlog.recent()
-    use.record(0.2)
     backlog.mark()
     now[0] += WINDOW_S / 2
-    use.record(0.3)
-    assert use.total() == pytest.approx(0.5)
     assert backlog.recent()
-    now[0] += WINDOW_S * 0.75
-    assert use.total() == pytest.approx(0.3)
-    assert not backlog.recent()
     now[0] += WINDOW_S
-    assert use.total() == 0
+    assert not backlog.recent()
+
+
+def test_the_budget_refills_at_the_share_up_to_a_burst() -> None:
+    now = [100.0]
+    budget = Budget(clock=lambda: now[0])
+    assert budget.wait(0.5) == 0
+    budget.spend(BURST_S + 0.2, 0.5)  # a call took longer than the budget held: 0.2 s owed
+    assert budget.wait(0.5) == pytest.approx(0.4)  # refilled at half a second per second
+    now[0] += 0.3
+    assert budget.wait(0.5) == pytest.approx(0.1)
+    assert budget.wait(0.8) == pytest.approx(0.05 / 0.8)
+    now[0] += 60
+    assert budget.wait(0.5) == 0
+    budget.spend(BURST_S, 0.5)  # idle time saved no more than a burst
+    assert budget.wait(0.5) == 0
+    budget.spend(0.01, 0.5)
+    assert budget.wait(0.5) == pytest.approx(0.02)
