@@ -24,6 +24,7 @@ from fusionrec.loop import Backlog, Budget, ranker_share
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SHARE_SPENT = "the ranker has used its share of the event loop"
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
@@ -99,7 +100,7 @@ class Guard(grpc.aio.ServerInterceptor):
         wait = self._budget.wait(share)
         if wait == 0.0 or self._pacer is None:
             return None, wait
-        return f"the ranker has used its share ({share:.0%}) of the event loop", 0.0
+        return f"{SHARE_SPENT} ({share:.0%})", 0.0
 
     def _admit(self, pacer: bool) -> None:
         # Interceptors run in the call's own task: its end releases the slot whatever happens
@@ -124,10 +125,18 @@ class Guard(grpc.aio.ServerInterceptor):
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if wait:
                 # One call at a time waits for the budget (the pacer); the calls grpc hands
-                # over meanwhile (the loop is free) are shed.
-                await asyncio.sleep(wait)
+                # over meanwhile (the loop is free) are shed, and so is the pacer if its
+                # deadline comes first.
+                remaining = context.time_remaining()
+                late = remaining is not None and remaining <= wait
+                if not late:
+                    await asyncio.sleep(wait)
                 if self._pacer is asyncio.current_task():
                     self._pacer = None
+                if late:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    metrics.RANKER_CALLS.labels(method, code.name).inc()
+                    await context.abort(code, f"{SHARE_SPENT}; retry later")
             start = time.perf_counter()
             try:
                 return await behavior(request, context)

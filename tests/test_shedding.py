@@ -33,6 +33,7 @@ from fusionrec.loop import (
 from fusionrec.settings import Settings
 from protos.fusionrec.v1 import ranker_pb2, ranker_pb2_grpc
 from serving.client import RankerClient
+from serving.guards import Guard
 from tests.test_ranker import BackgroundServer, _fill
 from tests.test_ranker_fuzz import outcome
 
@@ -224,3 +225,36 @@ def test_the_budget_refills_at_the_share_up_to_a_burst() -> None:
     assert budget.wait(0.5) == 0
     budget.spend(0.01, 0.5)
     assert budget.wait(0.5) == pytest.approx(0.02)
+
+
+def test_a_paced_call_whose_deadline_comes_first_is_shed_at_once() -> None:
+    class Aborted(Exception):
+        pass
+
+    class Context:  # what the guard reads of a call's context
+        def __init__(self, remaining: float) -> None:
+            self.remaining = remaining
+
+        def time_remaining(self) -> float:
+            return self.remaining
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise Aborted(code)
+
+        def code(self) -> None:
+            return None
+
+    ran: list[str] = []
+
+    async def behavior(request: str, context: Context) -> None:
+        ran.append(request)
+
+    async def main() -> None:
+        guard = Guard(limited="fusionrec.v1.Ranker", max_in_flight=4, inline=True)
+        with pytest.raises(Aborted) as refused:
+            await guard._observed("Recommend", behavior, wait=0.5)("late", Context(0.1))
+        assert refused.value.args == (grpc.StatusCode.RESOURCE_EXHAUSTED,)
+        await guard._observed("Recommend", behavior, wait=0.01)("in time", Context(0.1))
+        assert ran == ["in time"]
+
+    asyncio.run(main())
