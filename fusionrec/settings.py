@@ -165,9 +165,9 @@ class RankerSettings(_Section):
     fresh_candidates: int = 50
     popular_candidates: int = 50
     # How long the fresh and popular lists (the same for every user) are reused: a new item
-    # joins the fresh list about this late, at most twice it (vector search finds it at once).
-    # Each is a scan of the catalog in Qdrant local mode (60-75 ms at 10k items; a call makes
-    # at most one): at 0.5 s nearly every Recommend paid for them.
+    # joins the fresh list at most this late (vector search finds it at once). Computing them is
+    # two scans of the catalog in Qdrant local mode (~130 ms at 10k items): at 0.5 s nearly
+    # every Recommend paid for them, at 5 s about one in 25 at one request at a time.
     prior_cache_ttl_s: float = 5.0
     # Candidates' vectors and content kept in the ranker, so each Recommend reads only the
     # items it lacks (about 7 KB an item with the default encoders: 20,000 is about 140 MB).
