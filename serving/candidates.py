@@ -116,10 +116,9 @@ class PriorCache:
     """The fresh and popular lists per filter, reused for `ttl_s` seconds.
 
     They do not depend on the user, and computing one is a scan of the whole collection in local
-    mode (~55 ms at 10k items). A new item joins the fresh list at most `ttl_s` late; vector
-    search finds it at once. Both lists expire together, so a call refreshes one and takes the
-    other's `last` copy (one scan a call; the next call refreshes it). Entries are replaced
-    whole, so threads sharing a cache at worst compute a list twice.
+    mode (~65 ms at 10k items). A new item joins the fresh list at most `ttl_s` late; vector
+    search finds it at once. Entries are replaced whole, so threads sharing a cache at worst
+    compute a list twice.
     """
 
     ttl_s: float
@@ -130,16 +129,10 @@ class PriorCache:
         hit = self._lists.get(key)
         return hit[1] if hit is not None and self.clock() - hit[0] < self.ttl_s else None
 
-    def last(self, key: str) -> list[models.ScoredPoint] | None:
-        """The list for `key` if younger than twice the TTL: the one a call that has already
-        scanned once may still serve."""
-        hit = self._lists.get(key)
-        return hit[1] if hit is not None and self.clock() - hit[0] < 2 * self.ttl_s else None
-
     def put(self, key: str, points: list[models.ScoredPoint]) -> None:
         now = self.clock()
-        # Many distinct filters must not grow the cache without bound: old entries go.
-        self._lists = {k: v for k, v in self._lists.items() if now - v[0] < 2 * self.ttl_s}
+        # Many distinct filters must not grow the cache without bound: expired entries go.
+        self._lists = {k: v for k, v in self._lists.items() if now - v[0] < self.ttl_s}
         self._lists[key] = (now, points)
 
 
@@ -253,7 +246,6 @@ def generate(
                 np.asarray(vector).tolist(), per_modality + over, layout.vector_names[modality]
             )
             planned.append((modality, per_modality, None, query))
-    scans = 0  # prior lists computed by this call
     for label, key, limit in ((FRESH, CREATED_AT, fresh), (POPULAR, TREND, popular)):
         if limit <= 0:
             continue
@@ -267,9 +259,6 @@ def generate(
         fetch = limit + per_modality
         cache_key = f"{label}:{fetch}:{query_filter.model_dump_json() if query_filter else ''}"
         hit = priors.get(cache_key)
-        if hit is None and scans:
-            hit = priors.last(cache_key)  # one scan a call
-        scans += hit is None
         planned.append((label, limit, cache_key, request(order, fetch) if hit is None else hit))
     named: list[Any] = []
     if also and query_filter is None:

@@ -24,7 +24,7 @@ from qdrant_client import QdrantClient, models
 from fusionrec.loop import Backlog
 from fusionrec.settings import Settings
 from fusionrec.store import ITEM_ID, TITLE, ensure_collections, item_point_id, user_point_id
-from serving.candidates import LIVE_FIELDS, ItemCache, PriorCache, generate, layout_of
+from serving.candidates import LIVE_FIELDS, ItemCache
 from serving.client import RankerClient
 from serving.server import RunningRanker, start_server, stop_server
 from streams.catalog import Catalog
@@ -408,59 +408,4 @@ def test_item_cache_reads_items_once_and_never_serves_stale_ones(tmp_path: Path)
     for _ in range(2):
         small.items(store, collection, [IMAGE, TEXT], points_of())  # type: ignore[arg-type]
     assert store.read[-2:] == [2, 1]  # one of the two items kept
-    client.close()
-
-
-class ScanCountingStore(CountingStore):
-    """The local store, counting the ordered scans (fresh and popular lists) each batch asks."""
-
-    def __init__(self, client: QdrantClient) -> None:
-        super().__init__(client)
-        self.scans: list[int] = []
-
-    def query_batch_points(self, collection: str, requests: list, **kwargs):  # type: ignore[no-untyped-def]
-        ordered = [r for r in requests if isinstance(r.query, models.OrderByQuery)]
-        self.scans.append(len(ordered))
-        return self.client.query_batch_points(collection, requests=requests, **kwargs)
-
-
-def test_a_call_computes_at_most_one_prior_list(tmp_path: Path) -> None:
-    """Fresh and popular lists expire together; a call refreshes one and serves the other's
-    last copy, which the next call refreshes: no call pays for both scans after the first."""
-    settings = _settings(tmp_path)
-    client = QdrantClient(":memory:")
-    _fill(client, settings)
-    collection = settings.qdrant.items_collection
-    layout, _ = layout_of(client.get_collection(collection).config.params.vectors)
-    now = [0.0]
-    priors = PriorCache(ttl_s=5.0, clock=lambda: now[0])
-    store = ScanCountingStore(client)
-
-    def call() -> list[str]:
-        found = generate(
-            store,  # type: ignore[arg-type]
-            collection,
-            layout,
-            {},
-            None,
-            per_modality=0,
-            fresh=2,
-            popular=2,
-            cache=ItemCache(size=100),
-            priors=priors,
-        )
-        return found.ids
-
-    first = call()  # nothing cached: both lists
-    assert call() == first and store.scans == [2]  # both cached: no scan
-    now[0] += 6  # both expired
-    assert set(call()) == set(first)
-    now[0] += 1
-    assert set(call()) == set(first)
-    now[0] += 1
-    call()
-    assert store.scans == [2, 1, 1]
-    now[0] += 20  # long gone: both scanned again, in one call
-    call()
-    assert store.scans == [2, 1, 1, 2]
     client.close()
