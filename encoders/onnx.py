@@ -20,6 +20,7 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,38 +101,36 @@ def export_all(
         inputs, label = sample_inputs(modality, data, n)
         check = Agreement(encoder, [encoder.prepare(c) for c in inputs], device, cfg.threads)
         name = encoder.vector_name
-        started = time.perf_counter()
-        path, cosine, error = None, 0.0, None
-        try:
-            path, cosine = export_encoder(encoder, check, out)
-        except Exception as exc:  # one encoder failing to export must not hide the others
-            error = f"{type(exc).__name__}: {exc}"
-        results.append(
-            ExportResult(modality, name, path, label, cosine, time.perf_counter() - started, error)
-        )
+        exact = attempt(export_encoder, encoder, check, out)
+        results.append(ExportResult(modality, name, inputs=label, **exact))
+        path = exact["path"]
         if path is None or not has_ops(path, INT8_OPS):
             continue
-        started = time.perf_counter()
-        int8, cosine, error = None, 0.0, None
-        try:
-            int8, cosine = export_int8(path, check, onnx_file(out, name, int8=True))
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        seconds = time.perf_counter() - started
+        twin = attempt(export_int8, path, check, onnx_file(out, name, int8=True))
         results.append(
             ExportResult(
                 modality,
                 f"{name} (int8)",
-                int8,
-                label,
-                cosine,
-                seconds,
-                error,
+                inputs=label,
                 bound=INT8_MIN_COSINE,
                 optional=True,
+                **twin,
             )
         )
     return ExportReport(results)
+
+
+def attempt(step: Callable[..., tuple[Path, float]], *args: Any) -> dict[str, Any]:
+    """Run one export step, timed: its file and min cosine, or its error (one encoder failing
+    to export must not hide the others)."""
+    started = time.perf_counter()
+    try:
+        path, cosine = step(*args)
+        error = None
+    except Exception as exc:
+        path, cosine, error = None, 0.0, f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - started
+    return {"path": path, "min_cosine": cosine, "seconds": seconds, "error": error}
 
 
 class Agreement:
