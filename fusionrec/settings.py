@@ -47,6 +47,9 @@ class KafkaSettings(_Section):
     embedded_port: int = 19092
     # Set by `fusionrec up` when it runs the embedded broker: turns on the Tansu workarounds.
     embedded: bool = False
+    # The embedded consumer's fetch wait (Tansu holds a fetch for about half of it, data or not):
+    # receive latency against the idle cost of polling (streams/app.py `_shorten_fetch_wait`).
+    embedded_fetch_wait_ms: int = Field(20, ge=1, le=1500)
     items_topic: str = "items"
     events_topic: str = "events"
     dead_letters_topic: str = "dead-letters"

@@ -247,14 +247,16 @@ def create_app(
         users.recover_holding()
         users.recover_outboxes()
         if k.embedded:
-            await _shorten_fetch_wait(app)
+            await _shorten_fetch_wait(app, k.embedded_fetch_wait_ms)
 
     return app
 
 
-async def _shorten_fetch_wait(app: faust.App, wait_ms: int = 5) -> None:
+async def _shorten_fetch_wait(app: faust.App, wait_ms: int) -> None:
     """Tansu holds a fetch for ~half of Faust's fixed 1.5 s max wait even when data is there;
-    a few ms brings receive latency from ~400 ms to ~3 ms (measured, ENVIRONMENT.md)."""
+    a few ms brings receive latency from ~400 ms to ~3 ms (measured, ENVIRONMENT.md). Not fewer
+    than 20: at 5 ms the idle consumer's fetches took ~10% of a core here and as much of the
+    broker's, and inline Recommend calls, which share the process, ran ~20% slower."""
     for _ in range(600):
         consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
         fetcher = getattr(consumer, "_fetcher", None)
