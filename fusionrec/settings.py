@@ -169,9 +169,10 @@ class RankerSettings(_Section):
     popular_candidates: int = 50
     # How long the fresh and popular lists (the same for every user) are reused: a new item
     # joins the fresh list at most this late (vector search finds it at once). Computing them is
-    # two scans of the catalog in Qdrant local mode (~130 ms at 10k items): at 0.5 s nearly
-    # every Recommend paid for them, at 5 s about one in 25 at one request at a time.
-    prior_cache_ttl_s: float = 5.0
+    # two scans of the catalog in Qdrant local mode (~105 ms at 10k items, ~230 ms at 20k): at
+    # 0.5 s nearly every Recommend paid for them; at 5 s, at 20k items and one request at a
+    # time, about one in 125 did, which set the p99 (300 ms; 74 ms at 15 s, same run).
+    prior_cache_ttl_s: float = 15.0
     # Candidates' vectors and content kept in the ranker, so each Recommend reads only the
     # items it lacks (about 7 KB an item with the default encoders: 20,000 is about 140 MB).
     item_cache_size: int = Field(20_000, ge=0)
