@@ -10,6 +10,10 @@ likes by marker users with no profile yet: the partition is consumed in order, s
 Recommend stops answering cold_start for marker k, every event before it is in a profile the
 ranker reads. That gives the rate overall and of each tenth, the first and last included.
 
+In the same run, before the stack starts, the same events are folded in-process by
+`Users.apply` in batches of the worker's size, on a second store seeded alike: the fold alone,
+without broker, Faust or gRPC, the floor the end-to-end rate builds on.
+
 Two workers in one consumer group are not measured: they would have to share the profiles'
 store, and Qdrant local mode is one process with an exclusive lock (a Qdrant server cannot be
 installed here). Two workers each with a store of its own is a different system, so the JSON
@@ -25,6 +29,7 @@ import tempfile
 import time
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # run as a script: import the repository's packages
@@ -42,7 +47,9 @@ from benchmarks._common import (  # noqa: E402
     running_stack,
     table,
 )
+from fusionrec.settings import Settings  # noqa: E402
 from serving.client import RankerClient  # noqa: E402
+from streams.records import EventRecord  # noqa: E402
 
 TYPES = ["view"] * 6 + ["click"] * 2 + ["like", "dislike"]
 TWO_WORKERS = (
@@ -66,38 +73,53 @@ def main() -> None:
         "(seeded directly, text + image vectors); one worker, one partition\n",
         flush=True,
     )
-    rng = np.random.default_rng(0)
-    seeder = Seeder(Path(tempfile.mkdtemp(prefix="bench-events-")), rng)
-    with seeder.store() as (catalog, users):
-        seeder.add_items(catalog, n_items)
-        seeder.add_users(users, n_users)
+    seeders = [
+        Seeder(Path(tempfile.mkdtemp(prefix="bench-events-")), np.random.default_rng(0))
+        for _ in range(2)
+    ]
+    for seeder in seeders:  # alike: same seed, same draws
+        with seeder.store() as (catalog, users):
+            seeder.add_items(catalog, n_items)
+            seeder.add_users(users, n_users)
+    seeder, twin = seeders
+    rng = seeder.rng
+    users_of = rng.integers(0, n_users, args.events)
+    items_of = rng.integers(0, n_items, args.events + 11)
+    kinds = rng.integers(0, len(TYPES), args.events)
+    now = time.time()
+
+    def event(user: str, item: int, kind: str, n: int) -> dict:
+        return {
+            "event_id": f"e-{n}",
+            "user_id": user,
+            "item_id": f"item-{item}",
+            "type": kind,
+            "timestamp": now + n * 1e-3,
+        }
+
+    stream = [
+        event(f"user-{users_of[n]}", int(items_of[n]), TYPES[kinds[n]], n)
+        for n in range(args.events)
+    ]
+    alone = fold_alone(twin, stream)
     marks = [round(args.events * k / 10) for k in range(11)]
     with running_stack(seeder.settings.data_dir.parent, SEEDED) as (child, settings):
         ranker = RankerClient(child.target, timeout=30)
         producer = KafkaProducer(
             bootstrap_servers=child.bootstrap, linger_ms=20, batch_size=512 * 1024, acks=1
         )
-        topic, now = settings.kafka.events_topic, time.time()
+        topic = settings.kafka.events_topic
 
-        def send(user: str, item: int, kind: str, n: int) -> None:
-            event = {
-                "event_id": f"e-{n}",
-                "user_id": user,
-                "item_id": f"item-{item}",
-                "type": kind,
-                "timestamp": now + n * 1e-3,
-            }
-            producer.send(topic, key=user.encode(), value=json.dumps(event).encode())
+        def send(e: dict) -> None:
+            producer.send(topic, key=e["user_id"].encode(), value=json.dumps(e).encode())
 
-        users_of = rng.integers(0, n_users, args.events)
-        items_of = rng.integers(0, n_items, args.events + 11)
-        kinds = rng.integers(0, len(TYPES), args.events)
         start = time.monotonic()
         for n in range(args.events + 1):
             if n in marks:
-                send(f"marker-{marks.index(n)}", int(items_of[-1 - marks.index(n)]), "like", -n - 1)
+                k = marks.index(n)
+                send(event(f"marker-{k}", int(items_of[-1 - k]), "like", -n - 1))
             if n < args.events:
-                send(f"user-{users_of[n]}", int(items_of[n]), TYPES[kinds[n]], n)
+                send(stream[n])
         producer.flush()
         produced_s = time.monotonic() - start
         seen_at = []
@@ -112,10 +134,13 @@ def main() -> None:
     rates = [tenth / (b - a) for a, b in pairwise(seen_at)]
     overall = args.events / seen_at[-1]
     rows = [[f"{k * 10}-{k * 10 + 10}%", round(seen_at[k + 1], 2), rates[k]] for k in range(10)]
-    table(["events", "folded by (s)", "events/s"], rows)
+    rows = [[*row, alone["by_tenth"][k]] for k, row in enumerate(rows)]
+    table(["events", "folded by (s)", "events/s", "fold alone, events/s"], rows)
     print(
         f"produced in {produced_s:.1f} s ({args.events / produced_s:.0f}/s); folded end to end "
         f"{overall:.0f} events/s (first 10% {rates[0]:.0f}/s, last 10% {rates[-1]:.0f}/s); "
+        f"the fold alone in-process {alone['overall']:.0f} events/s (end to end / alone "
+        f"{overall / alone['overall']:.2f}); "
         f"two workers: {TWO_WORKERS}; peak RSS {rss} MB\n",
         flush=True,
     )
@@ -129,11 +154,34 @@ def main() -> None:
             "events_per_s_last_10pct": round(rates[-1], 1),
             "events_per_s_by_tenth": [round(r, 1) for r in rates],
             "produce_events_per_s": round(args.events / produced_s, 1),
+            "fold_alone_events_per_s": round(alone["overall"], 1),
+            "fold_alone_events_per_s_by_tenth": [round(r, 1) for r in alone["by_tenth"]],
+            "end_to_end_over_fold_alone": round(overall / alone["overall"], 2),
             "events_per_s_2_workers": None,
             "events_per_s_2_workers_reason": TWO_WORKERS,
             "peak_rss_mb": rss,
         }
     )
+
+
+def fold_alone(seeder: Seeder, stream: list[dict]) -> dict[str, Any]:
+    """`Users.apply` over `stream` in the worker's batches, in this process: events/s overall
+    and per tenth of the stream."""
+    batch = Settings().worker.batch_size
+    records = [EventRecord.model_validate(e) for e in stream]
+    tenth = max(1, len(records) // 10)
+    by_tenth: list[float] = []
+    with seeder.store() as (_, users):
+        start = mark = time.perf_counter()
+        for first in range(0, len(records), tenth):
+            part = records[first : first + tenth]
+            for b in range(0, len(part), batch):
+                users.apply(part[b : b + batch])
+            now = time.perf_counter()
+            by_tenth.append(len(part) / (now - mark))
+            mark = now
+        overall = len(records) / (time.perf_counter() - start)
+    return {"overall": overall, "by_tenth": by_tenth[:10]}
 
 
 if __name__ == "__main__":
