@@ -254,8 +254,8 @@ def create_app(
 
 async def _shorten_fetch_wait(app: faust.App, wait_ms: int) -> None:
     """Tansu holds a fetch for ~half of Faust's fixed 1.5 s max wait even when data is there;
-    a few ms brings receive latency from ~400 ms to ~3 ms (measured, ENVIRONMENT.md). Not fewer
-    than 20: at 5 ms the idle consumer's fetches took ~10% of a core here and as much of the
+    a few ms brings receive latency from ~400 ms to ~3 ms (measured, ENVIRONMENT.md). 20 ms by
+    default: at 5 ms the idle consumer's fetches took ~10% of a core here and as much of the
     broker's, and inline Recommend calls, which share the process, ran ~20% slower."""
     for _ in range(600):
         consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
