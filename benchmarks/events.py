@@ -47,7 +47,6 @@ from benchmarks._common import (  # noqa: E402
     running_stack,
     table,
 )
-from fusionrec.settings import Settings  # noqa: E402
 from serving.client import RankerClient  # noqa: E402
 from streams.records import EventRecord  # noqa: E402
 
@@ -101,8 +100,8 @@ def main() -> None:
         event(f"user-{users_of[n]}", int(items_of[n]), TYPES[kinds[n]], n)
         for n in range(args.events)
     ]
-    alone = fold_alone(twin, stream)
     marks = [round(args.events * k / 10) for k in range(11)]
+    alone = fold_alone(twin, stream, marks)
     with running_stack(seeder.settings.data_dir.parent, SEEDED) as (child, settings):
         ranker = RankerClient(child.target, timeout=30)
         producer = KafkaProducer(
@@ -133,8 +132,10 @@ def main() -> None:
     tenth = args.events / 10
     rates = [tenth / (b - a) for a, b in pairwise(seen_at)]
     overall = args.events / seen_at[-1]
-    rows = [[f"{k * 10}-{k * 10 + 10}%", round(seen_at[k + 1], 2), rates[k]] for k in range(10)]
-    rows = [[*row, alone["by_tenth"][k]] for k, row in enumerate(rows)]
+    rows = [
+        [f"{k * 10}-{k * 10 + 10}%", round(seen_at[k + 1], 2), rates[k], alone["by_tenth"][k]]
+        for k in range(10)
+    ]
     table(["events", "folded by (s)", "events/s", "fold alone, events/s"], rows)
     print(
         f"produced in {produced_s:.1f} s ({args.events / produced_s:.0f}/s); folded end to end "
@@ -164,24 +165,22 @@ def main() -> None:
     )
 
 
-def fold_alone(seeder: Seeder, stream: list[dict]) -> dict[str, Any]:
+def fold_alone(seeder: Seeder, stream: list[dict], marks: list[int]) -> dict[str, Any]:
     """`Users.apply` over `stream` in the worker's batches, in this process: events/s overall
-    and per tenth of the stream."""
-    batch = Settings().worker.batch_size
+    and between consecutive `marks` (the tenths the end-to-end run times)."""
+    batch = seeder.settings.worker.batch_size
     records = [EventRecord.model_validate(e) for e in stream]
-    tenth = max(1, len(records) // 10)
     by_tenth: list[float] = []
     with seeder.store() as (_, users):
         start = mark = time.perf_counter()
-        for first in range(0, len(records), tenth):
-            part = records[first : first + tenth]
-            for b in range(0, len(part), batch):
-                users.apply(part[b : b + batch])
+        for a, b in pairwise(marks):
+            for first in range(a, b, batch):
+                users.apply(records[first : min(first + batch, b)])
             now = time.perf_counter()
-            by_tenth.append(len(part) / (now - mark))
+            by_tenth.append((b - a) / (now - mark))
             mark = now
-        overall = len(records) / (time.perf_counter() - start)
-    return {"overall": overall, "by_tenth": by_tenth[:10]}
+        overall = len(records) / (now - start)
+    return {"overall": overall, "by_tenth": by_tenth}
 
 
 if __name__ == "__main__":
