@@ -72,8 +72,7 @@ class Guard(grpc.aio.ServerInterceptor):
             return handler
         full, wait = self._admission()
         if full:
-            metrics.RANKER_CALLS.labels(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}; retry later")
+            return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, _shed(method, full))
         self._admit(pacer=wait > 0)
         return grpc.unary_unary_rpc_method_handler(
             self._observed(method, handler.unary_unary, wait),
@@ -134,9 +133,9 @@ class Guard(grpc.aio.ServerInterceptor):
                 if self._pacer is asyncio.current_task():
                     self._pacer = None
                 if late:
-                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                    metrics.RANKER_CALLS.labels(method, code.name).inc()
-                    await context.abort(code, f"{SHARE_SPENT}; retry later")
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, _shed(method, SHARE_SPENT)
+                    )
             start = time.perf_counter()
             try:
                 return await behavior(request, context)
@@ -149,6 +148,12 @@ class Guard(grpc.aio.ServerInterceptor):
                 metrics.RANKER_CALLS.labels(method, getattr(code, "name", str(code))).inc()
 
         return call
+
+
+def _shed(method: str, reason: str) -> str:
+    """Count a call to `method` shed (RESOURCE_EXHAUSTED) for `reason`; the message it gets."""
+    metrics.RANKER_CALLS.labels(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+    return f"{reason}; retry later"
 
 
 def _refusal(
