@@ -16,7 +16,6 @@ import json
 import shutil
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,14 @@ def main() -> None:
 
     from encoders.onnx import export_all
     from fusionrec import protocols as p
-    from fusionrec.evaluation import ContentBaseline, Dataset, encode_items, item_docs, top_ids
+    from fusionrec.evaluation import (
+        ContentBaseline,
+        Dataset,
+        allowed_items,
+        encode_items,
+        item_docs,
+        top_ids,
+    )
     from fusionrec.settings import Settings
 
     ds = Dataset.load(args.data.resolve(), limit_items=args.limit_items)
@@ -56,18 +62,10 @@ def main() -> None:
             vectors[label] = items.vectors["text"]
             for name, split in splits.items():
                 peer = ContentBaseline(items, {"text": 1.0}).fit(split.history)
-                rated: dict[str, set[str]] = defaultdict(set)
-                for r in split.history:
-                    rated[r.user].add(r.item)
                 only = set(split.cold_items) if split.cold_items else set(ids)
+                allowed = allowed_items(split, ids, only)
                 rankings = {
-                    u: top_ids(
-                        peer.scores(u),
-                        ids,
-                        np.array([i in only and i not in rated[u] for i in ids]),
-                        tiebreak,
-                    )
-                    for u in split.positives
+                    u: top_ids(peer.scores(u), ids, allowed[u], tiebreak) for u in split.positives
                 }
                 ndcg[(label, name)] = p.score_users(rankings, split.positives)["ndcg@20"]
 

@@ -373,6 +373,15 @@ def top_ids(
     return [ids[j] for j in order[:k] if allowed[j]]
 
 
+def allowed_items(split: p.Split, ids: Sequence[str], only: set[str]) -> dict[str, np.ndarray]:
+    """Per test user, which of `ids` a ranking from history may return: those in `only` that the
+    user did not rate in the split's history."""
+    rated: dict[str, set[str]] = defaultdict(set)
+    for r in split.history:
+        rated[r.user].add(r.item)
+    return {u: np.array([i in only and i not in rated[u] for i in ids]) for u in split.positives}
+
+
 # -- the embedded stack -----------------------------------------------------------------------
 class EmbeddedStack:
     """`fusionrec up` as a child process on free ports, with a publisher and a ranker client."""
@@ -725,17 +734,13 @@ class Evaluation:
     ) -> None:
         """Protocols A and B: one ranking per test user, from history alone."""
         ids = self.ds.item_ids
-        rated: dict[str, set[str]] = defaultdict(set)
-        for r in split.history:
-            rated[r.user].add(r.item)
-        only = cold if attributes else self.catalog
+        allowed = allowed_items(split, ids, cold if attributes else self.catalog)
         rankings: dict[str, dict[str, list[str]]] = {"fusionrec": {}, **{q.name: {} for q in peers}}
         users = sorted(split.positives, key=_id_key)
         for u in track(users, f"protocol {name}: ranking {len(users)} users", console=console):
             rankings["fusionrec"][u] = stack.rank(u, attributes)
-            allowed = np.array([i in only and i not in rated[u] for i in ids])
             for peer in peers:
-                rankings[peer.name][u] = top_ids(peer.scores(u), ids, allowed, self.tiebreak)
+                rankings[peer.name][u] = top_ids(peer.scores(u), ids, allowed[u], self.tiebreak)
         at = _test_time(split)
         self.results[name] = {
             model: Outcome(
