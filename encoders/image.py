@@ -130,8 +130,8 @@ def build_mobilenet_encoder(runtime: Runtime, batch_size: int, max_pixels: int) 
         return mobilenet_module()
 
     backend = runtime.backend(vector_name(ImageEncoder.modality, name), module, ("pixels",))
-    # MovieLens posters on 2 cores, chunks of 1/2/4/8: onnxruntime 167/193/173/174 images/s,
-    # torch 48/81/72/56 (one thread: onnxruntime 106/114/108/104); the activations of a pair
-    # still fit the caches.
+    # MovieLens posters in chunks of 2 / 4 / 8, images/s over two or three runs on 2 threads:
+    # onnxruntime 165-193 / 173-201 / 158-176, torch 81-82 / 72-83 / 56-69; on one thread
+    # onnxruntime 114-117 / 108-114 / 104-113. Small chunks keep the activations in cache.
     chunk = cpu_batch(backend.device, batch_size, 2)
     return ImageEncoder(name, 1280, imagenet_transform(), backend, chunk, max_pixels)
