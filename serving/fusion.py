@@ -63,9 +63,17 @@ def fuse(
         user_has = np.linalg.norm(u_hat, axis=-1, keepdims=True) > 0
         if not user_has.any():
             continue
-        vecs = np.asarray(items[m], dtype=np.float64)
-        has = np.asarray(present[m], dtype=bool) & (np.linalg.norm(vecs, axis=1) > 0) & user_has
-        parts[m] = np.where(has, w * (u_hat @ _unit_rows(vecs).T), 0.0)
+        # Candidates keep their own precision (float32 from the store): the cosine is their
+        # dot with the unit user vector over their norms, so no (n, d) array is copied.
+        vecs = np.asarray(items[m])
+        if vecs.dtype != np.float32:
+            vecs = vecs.astype(np.float64, copy=False)
+        norms = np.linalg.norm(vecs, axis=-1)
+        cosines = np.divide(
+            u_hat.astype(vecs.dtype) @ vecs.T, norms, out=np.zeros(shape), where=norms > 0
+        )
+        has = np.asarray(present[m], dtype=bool) & (norms > 0) & user_has
+        parts[m] = np.where(has, w * cosines, 0.0)
         total += np.where(has, w, 0.0)
     covered = total > 0
     contributions = {
