@@ -114,11 +114,13 @@ def score_in_float32(client: QdrantClient) -> None:
     float32 (the dot product itself ~2 ms). The stored values came from float32, so the
     matrices lose nothing; queries lose float64 precision in the score, which the server never
     had. Local mode has no setting for this: its query resolution is wrapped once per process,
-    and the loaded matrices cast."""
+    and the loaded matrices cast. A release of qdrant-client without that method is left as it
+    is (slower, not wrong)."""
     from qdrant_client.local.local_collection import LocalCollection
 
-    resolve = LocalCollection.__dict__["_resolve_query_vector_name"].__func__
-    if not getattr(resolve, "in_float32", False):
+    method = LocalCollection.__dict__.get("_resolve_query_vector_name")
+    resolve = getattr(method, "__func__", None)
+    if resolve is not None and not getattr(resolve, "in_float32", False):
 
         def resolved(cls: type, query_vector: Any) -> tuple[str, Any]:
             name, vector = resolve(cls, query_vector)
@@ -129,9 +131,10 @@ def score_in_float32(client: QdrantClient) -> None:
         resolved.in_float32 = True  # type: ignore[attr-defined]
         LocalCollection._resolve_query_vector_name = classmethod(resolved)  # type: ignore[method-assign]
     for collection in _local_collections(client):
-        for name, matrix in collection.vectors.items():
-            if matrix.dtype == np.float64:
-                collection.vectors[name] = matrix.astype(np.float32)
+        vectors = getattr(collection, "vectors", {})
+        for name, matrix in vectors.items():
+            if getattr(matrix, "dtype", None) == np.float64:
+                vectors[name] = matrix.astype(np.float32)
 
 
 def ensure_collections(client: QdrantClient, settings: Settings, dims: Mapping[str, int]) -> None:
