@@ -268,20 +268,21 @@ def stopping_cannot_hang(final_commit_s: float) -> None:
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
-def settle() -> None:
+def settle(blas_threads: int) -> None:
     """After start-up: freeze what loading made (a full collection over the torch heap froze the
-    loop ~350 ms) and collect less often (GC_THRESHOLDS); and run BLAS on one thread.
+    loop ~350 ms) and collect less often (GC_THRESHOLDS); and cap the BLAS threads.
 
     A long-running role's parallelism is its own threads (the encoder, the loop, the ranker's
     executor). OpenBLAS's extra thread spins for a while after each call it takes part in
-    (local mode scores with numpy), and on 2 cores it took a core from the encoder: in the
-    embedded stack onboarding items it used as much CPU as the encoder thread. With one BLAS
-    thread, freshness at 50 items/s went from p99 2.2-2.8 s to 1.0-1.7 s (alternating runs).
-    Libraries loaded later keep their own default."""
+    (local mode scores with numpy): 10k x 1280 products every 20 ms took 2.4 s of CPU a second
+    with 2 threads, 0.3 s with 1, each product 1.6-2.1 ms against 3.0 ms. In the embedded stack
+    onboarding items the spinning thread used as much CPU as the encoder; with one, freshness
+    at 50 items/s went from p99 2.2-2.8 s to 0.9-1.7 s (alternating runs). Libraries loaded
+    later keep their own default."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    threadpool_limits(1, user_api="blas")
+    threadpool_limits(blas_threads, user_api="blas")
 
 
 def run_worker(settings: Settings, *, serve: bool) -> None:
@@ -294,7 +295,7 @@ def run_worker(settings: Settings, *, serve: bool) -> None:
     )
     store.ensure_collections(client, settings, {e.vector_name: e.dim for e in encoders.values()})
     store.fast_local_commits(client)
-    settle()
+    settle(settings.blas_threads)
     # When the worker last had a backlog: an in-process ranker then leaves it half the loop.
     backlog = Backlog()
     sent_letters = SentLetters()  # shared with BrokerLossGuard, which may empty it
@@ -371,7 +372,7 @@ def serve(settings: Settings) -> None:
 
     async def main() -> None:
         client = store.connect(settings)
-        settle()
+        settle(settings.blas_threads)
         server = await start_server(settings, client)
         log.info("ranker listening on %s:%s", settings.ranker.host, server.port)
         stop = asyncio.Event()
