@@ -276,9 +276,9 @@ def settle(blas_threads: int) -> None:
     executor). OpenBLAS's extra thread spins for a while after each call it takes part in
     (local mode scores with numpy): 10k x 1280 products every 20 ms took 2.4 s of CPU a second
     with 2 threads, 0.3 s with 1, each product 1.6-2.1 ms against 3.0 ms. In the embedded stack
-    onboarding items the spinning thread used as much CPU as the encoder; with one, freshness
-    at 50 items/s went from p99 2.2-2.8 s to 0.9-1.7 s (alternating runs). Libraries loaded
-    later keep their own default."""
+    onboarding items the spinning thread used nearly as much CPU as the encoder; with one,
+    freshness at 50 items/s went from p99 1.5-2.8 s to 0.9-1.7 s (alternating runs). Libraries
+    loaded later keep their own default."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
