@@ -258,8 +258,9 @@ class Settings(BaseSettings):
     # "json": one JSON object per log line (for log shippers); "text": human-readable.
     log_format: Literal["text", "json"] = "text"
     # BLAS threads of the long-running roles (fusionrec.stack.settle). OpenBLAS's extra threads
-    # spin a core each between calls: 2 made an idle embedded ranker ~20% faster (local mode
-    # scores with numpy) but took a core from the encoder and the fold whenever both ran.
+    # spin a core each between calls: 2 made an idle embedded ranker ~20% faster at 10k items
+    # (local mode scores with numpy) but took a core from the encoder and the fold whenever
+    # they ran too.
     blas_threads: int = Field(1, ge=1)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
