@@ -201,7 +201,9 @@ class RankerSettings(_Section):
 class WorkerSettings(_Section):
     batch_size: int = 32
     batch_within_s: float = 0.05
-    encode_threads: int = 1
+    # Threads the modalities of a batch encode on, side by side (1: one after another). Text
+    # beside image on 2 cores: MovieLens plot + poster 51 -> 85 items/s in-process (ONNX).
+    encode_threads: int = Field(2, ge=1)
     # From SIGTERM/SIGINT to a hard exit (code 70), whatever still waits on the broker.
     stop_deadline_s: float = Field(10.0, gt=0)
     # At a stop, the last offset commit is given up after this long (a replay, not a loss).

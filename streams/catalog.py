@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,11 +38,16 @@ class CatalogItem:
 
 class Catalog:
     def __init__(
-        self, client: QdrantClient, settings: Settings, encoders: Mapping[str, Encoder]
+        self,
+        client: QdrantClient,
+        settings: Settings,
+        encoders: Mapping[str, Encoder],
+        pool: Executor | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
         self.encoders = encoders
+        self.pool = pool  # where the modalities of a batch encode side by side
         self.collection = settings.qdrant.items_collection
         self.popularity_half_life_s = settings.profiles.popularity_half_life_days * DAY_S
         self.co_cap = settings.profiles.co_cap
@@ -50,11 +56,14 @@ class Catalog:
         """Vectors per item, one named vector per modality it has; or that item's error.
 
         Blocking (media I/O and model inference): the agent runs it in an executor thread.
-        An item with a modality that fails is refused whole rather than stored half-encoded.
-        A modality given as several pieces (a video's key frames) gets their mean vector.
+        The modalities encode at once on `pool` when there is one (onnxruntime and torch let
+        go of the GIL). An item with a modality that fails is refused whole rather than stored
+        half-encoded. A modality given as several pieces (a video's key frames) gets their
+        mean vector.
         """
         out: list[dict[str, np.ndarray] | EncodeError] = [{} for _ in items]
         clips: dict[int, Clip] = {}
+        work: list[tuple[Encoder, str, list[int], list[str | bytes]]] = []
         for modality, encoder in self.encoders.items():
             owner, contents = [], []
             for i, item in enumerate(items):
@@ -67,17 +76,22 @@ class Catalog:
                     continue
                 owner.extend([i] * len(pieces))
                 contents.extend(pieces)
-            if not contents:
-                continue
+            if contents:
+                work.append((encoder, modality, owner, contents))
+        run = self.pool.map if self.pool is not None else map
+        encoded = run(lambda w: w[0].encode_batch(w[3]), work)
+        for (encoder, modality, owner, _), vectors in zip(work, encoded, strict=True):
             results: dict[int, list[np.ndarray | EncodeError]] = {}
-            for i, result in zip(owner, encoder.encode_batch(contents), strict=True):
+            for i, result in zip(owner, vectors, strict=True):
                 results.setdefault(i, []).append(result)
             for i, pieces in results.items():
                 slot = out[i]
+                if not isinstance(slot, dict):
+                    continue  # already refused
                 errors = [r for r in pieces if isinstance(r, EncodeError)]
                 if errors:
                     out[i] = EncodeError(f"{modality}: {errors[0]}")
-                elif isinstance(slot, dict):
+                else:
                     slot[encoder.vector_name] = l2_normalise(np.mean(pieces, axis=0))
         for i, slot in enumerate(out):
             if isinstance(slot, dict) and not slot:
