@@ -72,18 +72,12 @@ def create_app(
     # Set once the sent letters are read back from the topic: no letter is sent before.
     recovered = asyncio.Event()
 
-    # Encoding holds the GIL only between torch/onnx calls: off the loop, events keep flowing;
-    # and a batch's modalities encode side by side on `encode_threads` threads.
-    encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
-    modalities = (
-        ThreadPoolExecutor(w.encode_threads, thread_name_prefix="encode-modality")
-        if w.encode_threads > 1
-        else None
-    )
-    catalog = Catalog(client, settings, encoders, modalities)
+    catalog = Catalog(client, settings, encoders)
     users = Users(client, settings, catalog)
     backlog = backlog or Backlog()
     sent_letters = sent_letters if sent_letters is not None else SentLetters()
+    # Encoding holds the GIL only between torch/onnx calls: off the loop, events keep flowing.
+    encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     async def reject(
         reason: str,

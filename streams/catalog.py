@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,16 +38,18 @@ class CatalogItem:
 
 class Catalog:
     def __init__(
-        self,
-        client: QdrantClient,
-        settings: Settings,
-        encoders: Mapping[str, Encoder],
-        pool: Executor | None = None,
+        self, client: QdrantClient, settings: Settings, encoders: Mapping[str, Encoder]
     ) -> None:
         self.client = client
         self.settings = settings
         self.encoders = encoders
-        self.pool = pool  # where the modalities of a batch encode side by side
+        threads = settings.worker.encode_threads
+        # Where the modalities of a batch encode side by side (threads start on first use).
+        self.pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="encode-modality")
+            if threads > 1
+            else None
+        )
         self.collection = settings.qdrant.items_collection
         self.popularity_half_life_s = settings.profiles.popularity_half_life_days * DAY_S
         self.co_cap = settings.profiles.co_cap
@@ -56,8 +58,8 @@ class Catalog:
         """Vectors per item, one named vector per modality it has; or that item's error.
 
         Blocking (media I/O and model inference): the agent runs it in an executor thread.
-        The modalities encode at once on `pool` when there is one (onnxruntime and torch let
-        go of the GIL). An item with a modality that fails is refused whole rather than stored
+        The modalities encode at once when `worker.encode_threads` > 1 (onnxruntime and torch
+        let go of the GIL). An item with a modality that fails is refused whole rather than stored
         half-encoded. A modality given as several pieces (a video's key frames) gets their
         mean vector.
         """

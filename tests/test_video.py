@@ -4,7 +4,6 @@ with real PyAV decoding and real encoder weights."""
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -83,17 +82,21 @@ def test_split_video_refuses_what_it_cannot_use() -> None:
         split_video(make_video(), 4, 600, max_pixels=1000)
 
 
-@pytest.mark.parametrize("side_by_side", [False, True], ids=["one-after-another", "side-by-side"])
+# Modalities one after another, or side by side on two threads: the same vectors and errors.
+@pytest.mark.parametrize("threads", [1, 2])
 def test_a_video_item_gets_image_and_audio_vectors(
-    encoders: dict[str, Encoder], tmp_path, side_by_side: bool
+    encoders: dict[str, Encoder], tmp_path, threads: int
 ) -> None:
-    settings = Settings(data_dir=tmp_path, media={"root": tmp_path, "video_frames": 4})
+    settings = Settings(
+        data_dir=tmp_path,
+        media={"root": tmp_path, "video_frames": 4},
+        worker={"encode_threads": threads},
+    )
     (tmp_path / "clip.mkv").write_bytes(make_video())
     (tmp_path / "silent.mkv").write_bytes(make_video(sound=False))
     (tmp_path / "broken.mkv").write_bytes(make_video()[:300])
-    # The worker's modality pool (worker.encode_threads > 1): the same vectors and errors.
-    pool = ThreadPoolExecutor(2) if side_by_side else None
-    catalog = Catalog(None, settings, encoders, pool)  # type: ignore[arg-type]  # encode only
+    catalog = Catalog(None, settings, encoders)  # type: ignore[arg-type]  # encode only
+    assert (catalog.pool is None) == (threads == 1)
     items = [
         ItemRecord(id="v", video="clip.mkv"),
         ItemRecord(id="s", video="silent.mkv"),
