@@ -56,6 +56,9 @@ class Users:
         self.epoch = uuid.uuid4().hex
         self.seq = 0
         self.ledger: dict[str, int] | None = None  # epoch -> last batch delivered; read lazily
+        # Users whose batch's delivery failed in this process: paid before any later batch, for
+        # the ledger takes a later delivery to mean every earlier one of its epoch is done.
+        self.owing: set[str] = set()
 
     # -- state --------------------------------------------------------------------------------
     def load(self, user_ids: Iterable[str]) -> dict[str, Profile]:
@@ -118,6 +121,7 @@ class Users:
 
         Events whose item is not in the catalog yet are held in the profile until it arrives.
         """
+        self._pay_failed()
         profiles = self.load(e.user_id for e in events)
         with store.batched_commits(self.client), self._store_is_truth(profiles):
             self._deliver([p for p in profiles.values() if self._owes(p)])  # left by a crash
@@ -150,6 +154,7 @@ class Users:
         now = time.time() if now is None else now
         if not self.holding:
             return []
+        self._pay_failed()
         held = list(self.load(self.holding).values())
         with store.batched_commits(self.client), self._store_is_truth(p.user_id for p in held):
             self._deliver([p for p in held if self._owes(p)])
@@ -225,7 +230,20 @@ class Users:
             owed = gains.get(p.user_id)
             p.outbox = {"token": token, **owed} if owed else None
         self.save(touched)
-        self._deliver([p for p in touched if p.outbox], items)
+        try:
+            self._deliver([p for p in touched if p.outbox], items)
+        except BaseException:
+            self.owing.update(p.user_id for p in touched if p.outbox)
+            raise
+
+    def _pay_failed(self) -> None:
+        """Deliver what the batches whose delivery failed still owe (read back from the store:
+        the failure dropped them from the cache)."""
+        if self.owing:
+            owed = self.load(self.owing)
+            with store.batched_commits(self.client), self._store_is_truth(owed):
+                self._deliver([p for p in owed.values() if self._owes(p)])
+            self.owing.clear()
 
     def _owes(self, p: Profile) -> bool:
         if not p.outbox:

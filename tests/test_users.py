@@ -205,6 +205,25 @@ def test_a_debt_left_behind_is_paid_on_the_users_next_batch(state, monkeypatch):
     assert catalog.lookup(["a"])["a"] == item
 
 
+def test_a_debt_whose_delivery_failed_is_paid_before_any_later_batch(state, monkeypatch):
+    """A batch failing unforeseen after its profiles were saved is dead-lettered, not retried:
+    the next batch, of other users, must not let the ledger pass its debt by."""
+    settings, client, catalog, users = state
+    add_item(catalog, "a", [1, 0, 0])
+    add_item(catalog, "b", [0, 1, 0])
+    monkeypatch.setattr(catalog, "add_engagement", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        users.apply([event("e1", "a"), event("e2", "b")])
+    monkeypatch.undo()
+    assert users.apply([event("e3", "b", user="v")]) == 1
+    found = catalog.lookup(["a", "b"])
+    assert (found["a"].popularity, found["b"].popularity) == pytest.approx((1.0, 2.0))
+    assert (found["a"].co, found["b"].co) == ({"b": 1}, {"a": 1})
+    again = Users(client, settings, Catalog(client, settings, encoders={}))
+    again.recover_outboxes()  # paid once, and a restart does not pay it again
+    assert catalog.lookup(["a", "b"]) == found
+
+
 def test_positives_are_co_engaged_with_the_users_previous_ones(state):
     settings, _, catalog, users = state
     for item in "abcd":
