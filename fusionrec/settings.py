@@ -100,6 +100,8 @@ class EncoderSettings(_Section):
     batch_size: int = 32
     # "auto" picks CUDA when present.
     device: str = "auto"
+    # Threads each encoder runs on; modalities may run at once (worker.encode_threads), so up to
+    # their product are busy while a batch encodes.
     threads: int = 1
     # Folder holding exported ONNX models; the onnxruntime path is used where one is present.
     onnx_dir: Path | None = None
