@@ -237,13 +237,17 @@ class Users:
             raise
 
     def _pay_failed(self) -> None:
-        """Deliver what the batches whose delivery failed still owe (read back from the store:
-        the failure dropped them from the cache)."""
+        """Deliver what the batches whose delivery failed still owe."""
         if self.owing:
-            owed = self.load(self.owing)
-            with store.batched_commits(self.client), self._store_is_truth(owed):
-                self._deliver([p for p in owed.values() if self._owes(p)])
+            self._pay(self.owing)
             self.owing.clear()
+
+    def _pay(self, user_ids: Iterable[str]) -> None:
+        """Deliver what these users' profiles still owe, as the store holds them (a failure
+        dropped them from the cache)."""
+        owed = self.load(user_ids)
+        with store.batched_commits(self.client), self._store_is_truth(owed):
+            self._deliver([p for p in owed.values() if self._owes(p)])
 
     def _owes(self, p: Profile) -> bool:
         if not p.outbox:
@@ -307,8 +311,7 @@ class Users:
             if self._owes(Profile(user_id=payload["user_id"], outbox=payload.get("outbox")))
         ]
         for start in range(0, len(owing), 256):
-            profiles = self.load(owing[start : start + 256])
-            self._deliver([p for p in profiles.values() if self._owes(p)])
+            self._pay(owing[start : start + 256])
 
 
 def _to_point(p: Profile) -> models.PointStruct:
