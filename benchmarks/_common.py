@@ -20,7 +20,7 @@ from fusionrec.launcher import ChildStack, spawn_stack
 from fusionrec.settings import Settings, load_settings
 from serving.client import RankerClient
 from streams.catalog import Catalog
-from streams.profiles import Profile
+from streams.profiles import Profile, add_co, co_engage, fold_tags
 from streams.records import ItemRecord
 from streams.users import Users
 
@@ -139,6 +139,7 @@ class Seeder:
         self.dims = {"text.minilm-l6-v2": 384, "image.mobilenet-v2": 1280}
         self.centres = {n: _unit(rng.standard_normal((topics, d))) for n, d in self.dims.items()}
         self.items: dict[str, list[np.ndarray]] = {n: [] for n in self.dims}
+        self.topics: list[int] = []  # each item's topic: its tag is `topic-<n>`
         self.count = 0
 
     @contextmanager
@@ -178,26 +179,48 @@ class Seeder:
             catalog.upsert(records, rows)
             for name, v in vectors.items():
                 self.items[name].append(v)
+            self.topics.extend(int(t) for t in topics)
         self.count = end
 
-    def add_users(self, users: Users, n: int, seen: int = 20) -> None:
-        """Profiles as the worker folds them: an unnormalised sum of the `seen` items' vectors."""
+    def add_users(self, users: Users, n: int, seen: int = 20, liked: int = 0) -> None:
+        """Profiles as the worker folds them: an unnormalised sum of the `seen` items' vectors.
+
+        The last `liked` of those count as positives, as the worker folds them: the profile's
+        tag affinity and recent positives, and the items' popularity and co-engagement (one
+        delivery), so a Recommend takes every path it takes in production."""
         matrices = self.matrices()
+        cfg = users.cfg
+        now = time.time()
+        gains: dict[str, list[list[float]]] = {}
+        co: dict[str, dict[str, float]] = {}
         profiles = []
         for u in range(n):
             picks = self.rng.integers(0, self.count, seen)
-            profiles.append(
-                Profile(
-                    user_id=f"user-{u}",
-                    vectors={name: m[picks].sum(axis=0) for name, m in matrices.items()},
-                    t_ref=time.time(),
-                    seen=[f"item-{i}" for i in picks],
-                )
+            profile = Profile(
+                user_id=f"user-{u}",
+                vectors={name: m[picks].sum(axis=0) for name, m in matrices.items()},
+                t_ref=now,
+                seen=[f"item-{i}" for i in picks],
             )
+            for i in picks[seen - liked :]:
+                item = f"item-{i}"
+                tags = [f"topic-{self.topics[i]}"]
+                profile.tag_affinity = fold_tags(
+                    profile.tag_affinity, now, tags, 1.0, now, users.half_life_s, cfg.tag_cap
+                )
+                gains.setdefault(item, []).append([1.0, now])
+                for partner in co_engage(profile.positives, item, cfg.co_window):
+                    for a, b in ((item, partner), (partner, item)):
+                        co[a] = add_co(co.get(a, {}), {b: 1})
+                profile.positive_at = now
+            profiles.append(profile)
             if len(profiles) == 512:
                 users.save(profiles)
                 profiles = []
         users.save(profiles)
+        if gains:
+            known = users.catalog.lookup(gains.keys() | co.keys())
+            users.catalog.add_engagement(gains, co, known, "seed:1")
 
     def matrices(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate(parts) for name, parts in self.items.items()}

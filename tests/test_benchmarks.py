@@ -18,6 +18,7 @@ REQUIRED = {
     "freshness.py": {"publish_to_recommendable_p99_ms", "event_to_effect_p99_ms", "peak_rss_mb"},
     "ranker.py": {
         "recommend_p99_ms_c1",
+        "recommend_cold_p99_ms_c1",
         "floor_p99_ms_c1",
         "overhead_ratio_c1",
         "recommend_qps_c8",
