@@ -19,6 +19,7 @@ REQUIRED = {
     "ranker.py": {
         "recommend_p99_ms_c1",
         "recommend_cold_p99_ms_c1",
+        "recommend_half_busy_p99_ms_c1",
         "floor_p99_ms_c1",
         "overhead_ratio_c1",
         "recommend_qps_c8",
