@@ -9,6 +9,8 @@ as fast as the producer goes. Eleven marker events, at 0%, 10%, ..., 100% of the
 likes by marker users with no profile yet: the partition is consumed in order, so when
 Recommend stops answering cold_start for marker k, every event before it is in a profile the
 ranker reads. That gives the rate overall and of each tenth, the first and last included.
+Beside each marker check a seeded user's Recommend is timed: the ranker's latency while the
+worker it shares the loop with has a backlog.
 
 In the same run, before the stack starts, the same events are folded in-process by
 `Users.apply` in batches of the worker's size, on a second store seeded alike: the fold alone,
@@ -44,6 +46,7 @@ from benchmarks._common import (  # noqa: E402
     header,
     last_line,
     peak_rss_mb,
+    percentiles_ms,
     running_stack,
     table,
 )
@@ -122,8 +125,14 @@ def main() -> None:
         producer.flush()
         produced_s = time.monotonic() - start
         seen_at = []
+        busy = []  # a seeded user's Recommend while the worker drains its backlog
         for k in range(11):
-            while admitted(ranker.recommend, f"marker-{k}", 1, explain=False).cold_start:
+            while True:
+                asked = time.perf_counter()
+                admitted(ranker.recommend, "user-0", 10, explain=False)
+                busy.append(time.perf_counter() - asked)
+                if not admitted(ranker.recommend, f"marker-{k}", 1, explain=False).cold_start:
+                    break
                 time.sleep(0.02)
             seen_at.append(time.monotonic() - start)
         rss = peak_rss_mb(child.process.pid)
@@ -132,6 +141,7 @@ def main() -> None:
     tenth = args.events / 10
     rates = [tenth / (b - a) for a, b in pairwise(seen_at)]
     overall = args.events / seen_at[-1]
+    during = percentiles_ms(busy)
     rows = [
         [f"{k * 10}-{k * 10 + 10}%", round(seen_at[k + 1], 2), rates[k], alone["by_tenth"][k]]
         for k in range(10)
@@ -142,6 +152,8 @@ def main() -> None:
         f"{overall:.0f} events/s (first 10% {rates[0]:.0f}/s, last 10% {rates[-1]:.0f}/s); "
         f"the fold alone in-process {alone['overall']:.0f} events/s (end to end / alone "
         f"{overall / alone['overall']:.2f}); "
+        f"Recommend for a seeded user meanwhile (refusals retried): p50 {during['p50']} ms, "
+        f"p99 {during['p99']} ms, max {during['max']} ms; "
         f"two workers: {TWO_WORKERS}; peak RSS {rss} MB\n",
         flush=True,
     )
@@ -158,6 +170,9 @@ def main() -> None:
             "fold_alone_events_per_s": round(alone["overall"], 1),
             "fold_alone_events_per_s_by_tenth": [round(r, 1) for r in alone["by_tenth"]],
             "end_to_end_over_fold_alone": round(overall / alone["overall"], 2),
+            "recommend_p50_ms_during_backlog": during["p50"],
+            "recommend_p99_ms_during_backlog": during["p99"],
+            "recommend_max_ms_during_backlog": during["max"],
             "events_per_s_2_workers": None,
             "events_per_s_2_workers_reason": TWO_WORKERS,
             "peak_rss_mb": rss,

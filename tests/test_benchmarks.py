@@ -30,6 +30,7 @@ REQUIRED = {
         "events_per_s_1_worker",
         "events_per_s_2_workers",
         "fold_alone_events_per_s",
+        "recommend_p99_ms_during_backlog",
         "peak_rss_mb",
     },
 }
