@@ -20,7 +20,7 @@ from fusionrec.launcher import ChildStack, spawn_stack
 from fusionrec.settings import Settings, load_settings
 from serving.client import RankerClient
 from streams.catalog import Catalog
-from streams.profiles import Profile, add_co, co_engage, fold_tags
+from streams.profiles import Profile, count_co_engagement, fold_tags
 from streams.records import ItemRecord
 from streams.users import Users
 
@@ -209,9 +209,7 @@ class Seeder:
                     profile.tag_affinity, now, tags, 1.0, now, users.half_life_s, cfg.tag_cap
                 )
                 gains.setdefault(item, []).append([1.0, now])
-                for partner in co_engage(profile.positives, item, cfg.co_window):
-                    for a, b in ((item, partner), (partner, item)):
-                        co[a] = add_co(co.get(a, {}), {b: 1})
+                count_co_engagement(co, profile.positives, item, cfg.co_window)
                 profile.positive_at = now
             profiles.append(profile)
             if len(profiles) == 512:

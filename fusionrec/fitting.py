@@ -31,8 +31,7 @@ from serving import fusion
 from streams.profiles import (
     DAY_S,
     accumulate,
-    add_co,
-    co_engage,
+    count_co_engagement,
     event_weight,
     fold,
     fold_tags,
@@ -193,9 +192,7 @@ class Replay:
         self.last_positive[u] = max(t, self.last_positive.get(u, t))
         for hl, (value, at) in self.popularity.items():
             value[j], at[j] = accumulate(value[j], at[j], w, t, hl * DAY_S)
-        for partner in co_engage(self.positives[u], r.item, cfg.co_window):
-            for a, b in ((r.item, partner), (partner, r.item)):
-                self.co[a] = add_co(self.co[a], {b: 1}, cfg.co_cap)
+        count_co_engagement(self.co, self.positives[u], r.item, cfg.co_window, cfg.co_cap)
 
     def popularity_prior(self, half_life_days: float) -> np.ndarray:
         """The popularity prior every user sees now, as the ranker computes it."""

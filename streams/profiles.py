@@ -118,6 +118,20 @@ def co_engage(positives: list[str], item_id: str, window: int) -> list[str]:
     return partners
 
 
+def count_co_engagement(
+    co: dict[str, dict[str, float]],
+    positives: list[str],
+    item_id: str,
+    window: int,
+    cap: int | None = None,
+) -> None:
+    """Record a positive on `item_id` in `positives` (`co_engage`) and count it with each
+    partner, both ways, in `co` ({item: {partner: count}}, in place; `cap` as in `add_co`)."""
+    for partner in co_engage(positives, item_id, window):
+        for a, b in ((item_id, partner), (partner, item_id)):
+            co[a] = add_co(co.get(a, {}), {b: 1}, cap)
+
+
 def add_co(
     co: Mapping[str, float], partners: Mapping[str, float], cap: int | None = None
 ) -> dict[str, float]:

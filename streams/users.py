@@ -26,7 +26,7 @@ from streams.profiles import (
     DAY_S,
     Profile,
     add_co,
-    co_engage,
+    count_co_engagement,
     event_weight,
     fold,
     fold_tags,
@@ -210,9 +210,7 @@ class Users:
             owed = gains.setdefault(p.user_id, {"gains": {}, "co": {}})
             owed["gains"].setdefault(e.item_id, []).append([w, e.timestamp])
             p.positive_at = max(p.positive_at, e.timestamp)
-            for partner in co_engage(p.positives, e.item_id, self.cfg.co_window):
-                for a, b in ((e.item_id, partner), (partner, e.item_id)):
-                    owed["co"][a] = add_co(owed["co"].get(a, {}), {b: 1})
+            count_co_engagement(owed["co"], p.positives, e.item_id, self.cfg.co_window)
 
     # -- popularity, exactly once -------------------------------------------------------------
     def _commit(self, touched: list[Profile], gains: Gains, items: dict[str, CatalogItem]) -> None:
